@@ -1,0 +1,1 @@
+"""defectforge evaluate stage."""

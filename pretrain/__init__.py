@@ -1,0 +1,1 @@
+"""defectforge pretrain stage."""

@@ -1,0 +1,175 @@
+"""A scene: a surface, some defects with their exact mask, then lighting and sensor noise.
+
+Every sample is a pure function of `(config, global index)`: its random generator is seeded from
+`(seed, index)`, so the same config gives the same bytes whichever worker or process renders it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import ConfigError, require
+from .defects import DEFECT_KINDS, draw_defect
+from .surfaces import SURFACE_KINDS, apply_imaging, crop_background, make_surface
+
+BACKENDS = ("procedural",)
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Defect counts are given for a 512x512 image and grow with the square root of the area, so a 4K scene
+# (about 32x the area) carries several defects of different sizes instead of one or two.
+REFERENCE_SIDE = 512
+
+
+@dataclass
+class SynthConfig:
+    """`python -m synth generate` settings; the keys are documented in docs/synth.md."""
+
+    name: str = "synthetic-defects"
+    backend: str = "procedural"
+    num_samples: int = 1000
+    image_size: Any = 256  # one int (square) or [H, W]
+    seed: int = 0
+    workers: int = 1  # 0 = one per CPU core
+    shard_size: int = 256
+    val_ratio: float = 0.1
+    image_format: str = "jpg"
+    jpeg_quality: int = 95
+    surfaces: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in SURFACE_KINDS})
+    # Order fixes the mask values: the first defect class is 1, the next 2, ...
+    defects: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in DEFECT_KINDS})
+    defects_per_image: list[int] = field(default_factory=lambda: [1, 3])
+    empty_ratio: float = 0.1
+    background_dir: str | None = None
+    background_ratio: float = 0.5
+    gradient: float = 0.25
+    vignette: float = 0.3
+    noise: list[float] = field(default_factory=lambda: [0.5, 3.0])
+
+    def validate(self) -> None:
+        require(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
+        require(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        h, w = self.size
+        require(64 <= h <= 8192 and 64 <= w <= 8192, "image_size", self.image_size,
+                "one int or [H, W], each between 64 and 8192")
+        require(self.workers >= 0, "workers", self.workers, "an integer >= 0 (0 = one per core)")
+        require(self.shard_size >= 1, "shard_size", self.shard_size, "an integer >= 1")
+        require(0.0 <= self.val_ratio < 1.0, "val_ratio", self.val_ratio, "a number in [0, 1)")
+        require(self.image_format in ("jpg", "png"), "image_format", self.image_format, "'jpg' or 'png'")
+        require(50 <= self.jpeg_quality <= 100, "jpeg_quality", self.jpeg_quality, "an integer in [50, 100]")
+        _check_weights("surfaces", self.surfaces, SURFACE_KINDS)
+        _check_weights("defects", self.defects, DEFECT_KINDS)
+        lo_hi = self.defects_per_image
+        require(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1] <= 64, "defects_per_image", lo_hi,
+                "[min, max] with 0 <= min <= max <= 64 (counts for a 512x512 image)")
+        require(0.0 <= self.empty_ratio <= 1.0, "empty_ratio", self.empty_ratio, "a number in [0, 1]")
+        require(0.0 <= self.background_ratio <= 1.0, "background_ratio", self.background_ratio, "a number in [0, 1]")
+        require(0.0 <= self.gradient <= 1.0, "gradient", self.gradient, "a number in [0, 1]")
+        require(0.0 <= self.vignette <= 1.0, "vignette", self.vignette, "a number in [0, 1]")
+        require(len(self.noise) == 2 and 0 <= self.noise[0] <= self.noise[1] <= 50, "noise", self.noise,
+                "[min, max] sensor noise sigma in 8-bit levels, 0 <= min <= max <= 50")
+        if self.background_dir is not None:
+            background_files(self.background_dir)  # fails now, naming the folder, rather than in a worker
+
+    @property
+    def size(self) -> tuple[int, int]:
+        size = self.image_size
+        if isinstance(size, int) and not isinstance(size, bool):
+            return size, size
+        if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+            return int(size[0]), int(size[1])
+        raise ConfigError(f"key 'image_size': value {size!r} is invalid, expected one int or [H, W]")
+
+    @property
+    def classes(self) -> list[str]:
+        return ["background", *self.defects]
+
+    @property
+    def num_val(self) -> int:
+        return int(round(self.num_samples * self.val_ratio))
+
+
+def _check_weights(key: str, weights: dict[str, float], known: tuple[str, ...]) -> None:
+    for name, weight in weights.items():
+        require(name in known, f"{key}.{name}", name, f"one of {', '.join(known)}")
+        require(weight >= 0, f"{key}.{name}", weight, "a weight >= 0")
+    require(sum(weights.values()) > 0, key, dict(weights), "at least one weight > 0")
+
+
+def background_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"key 'background_dir': folder '{folder}' does not exist, expected a folder of photos")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_EXTS)
+    if not files:
+        raise ConfigError(
+            f"key 'background_dir': folder '{folder}' holds no image, expected {', '.join(PHOTO_EXTS)} files"
+        )
+    return files
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, index]))
+
+
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    names = list(weights)
+    p = np.array([weights[n] for n in names], dtype=np.float64)
+    return names[int(rng.choice(len(names), p=p / p.sum()))]
+
+
+def render_sample(cfg: SynthConfig, index: int, backgrounds: list[Path] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Image (H, W, 3) uint8, class-index mask (H, W) uint8 and metadata of sample `index`."""
+    rng = sample_rng(cfg.seed, index)
+    h, w = cfg.size
+    scale = min(h, w) / REFERENCE_SIDE
+    if backgrounds and rng.random() < cfg.background_ratio:
+        path = backgrounds[int(rng.integers(len(backgrounds)))]
+        img, surface = crop_background(path, h, w, rng)
+    else:
+        img, surface = make_surface(_pick(rng, cfg.surfaces), h, w, rng)
+
+    mask = np.zeros((h, w), dtype=np.uint8)
+    drawn: list[tuple[int, np.ndarray, dict]] = []
+    if rng.random() >= cfg.empty_ratio:
+        lo, hi = cfg.defects_per_image
+        area_factor = math.sqrt(h * w) / REFERENCE_SIDE
+        count = max(1, int(round(int(rng.integers(lo, hi + 1)) * max(1.0, area_factor)))) if hi > 0 else 0
+        active = {k: v for k, v in cfg.defects.items() if v > 0}
+        for _ in range(count):
+            kind = _pick(rng, active)
+            class_id = cfg.classes.index(kind)
+            footprint, params = draw_defect(kind, img, rng, scale)
+            mask[footprint] = class_id  # a later defect covers an earlier one where they overlap
+            drawn.append((class_id, footprint, params))
+
+    img, imaging = apply_imaging(img, rng, gradient=cfg.gradient, vignette=cfg.vignette, noise=tuple(cfg.noise))
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    defects = []
+    for class_id, footprint, params in drawn:
+        visible = footprint & (mask == class_id)
+        ys, xs = np.nonzero(visible)
+        if len(ys) == 0:  # fully covered by a later defect: the label shows nothing of it
+            continue
+        defects.append({
+            "class": cfg.classes[class_id],
+            "class_id": class_id,
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+            "area_px": int(len(ys)),
+            "params": params,
+        })
+    meta = {
+        "source": cfg.backend,
+        "seed": [cfg.seed, index],
+        "index": index,
+        "size": [h, w],
+        "surface": surface,
+        "imaging": imaging,
+        "defects": defects,
+    }
+    return image, mask, meta

@@ -1,0 +1,138 @@
+"""Config loading shared by every stage: a dataclass schema, a YAML file, then `key=value` overrides.
+
+Validation happens here, before any work starts. OmegaConf's structured configs reject unknown keys and
+wrong types; each schema's `validate()` checks ranges and relations. Every failure becomes a `ConfigError`
+that names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used."""
+
+
+def _closest(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=3)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
+def _known_keys(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _check_keys(raw: dict, schema: type, where: str) -> None:
+    known = _known_keys(schema)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{_closest(str(key), known)}; known keys: {', '.join(known)}"
+            )
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse `key=value` strings (values in YAML syntax, so `image_size=[256,512]` is a list)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value '{text}' is not valid YAML ({err})") from None
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def _replace_maps(node: Any, raw: dict) -> None:
+    """Let a mapping given in a file or an override replace the default mapping instead of merging into it
+    (a config that lists `surfaces: {metal: 1}` means metal only, not metal plus every default)."""
+    for key, value in raw.items():
+        if isinstance(value, dict) and OmegaConf.is_dict(node.get(key)):
+            OmegaConf.update(node, key, {}, merge=False)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
+    """Build a validated `schema` instance from defaults, an optional YAML file and overrides."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, found {type(loaded).__name__}")
+        raw = loaded
+    _check_keys(raw, schema, where)
+    over = dict(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    over_tree: dict[str, Any] = {}
+    for key, value in over.items():
+        _check_keys({key.split(".")[0]: None}, schema, "override")
+        _set_dotted(over_tree, key, value)
+    try:
+        merged = OmegaConf.structured(schema)
+        _replace_maps(merged, raw)
+        merged = OmegaConf.merge(merged, OmegaConf.create(raw))
+        where = "override"
+        _replace_maps(merged, {k: v for k, v in over.items() if "." not in k})
+        merged = OmegaConf.merge(merged, OmegaConf.create(over_tree))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"{where}: key '{key}': {msg}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate()
+    return obj
+
+
+def to_dict(config: Any) -> dict:
+    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)
+
+
+def require(cond: bool, key: str, value: Any, expected: str) -> None:
+    """Raise a ConfigError naming key, value and expectation unless `cond` holds."""
+    if not cond:
+        raise ConfigError(f"key '{key}': value {value!r} is invalid, expected {expected}")

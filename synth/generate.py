@@ -1,0 +1,192 @@
+"""`synth generate`: render samples in worker processes and write them into shards, resumably.
+
+The output is fixed by the config alone. Samples are numbered globally (train first, then val), shard k of a
+split holds a fixed index range, and each sample is seeded from `(seed, index)`. Worker count and process
+count therefore change the speed, never the bytes. Under `accelerate launch`, process r writes the shards
+j with j % world == r; process 0 writes `_info.json` once every shard exists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from .compose import SynthConfig, background_files, render_sample
+from .config import ConfigError, save_config, to_dict
+from .shards import (
+    INFO_NAME,
+    TMP_SUFFIX,
+    Sample,
+    ShardRecord,
+    encode_sample,
+    sha256_file,
+    shard_name,
+    write_info,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "config.yaml"
+# Keys that change how fast the output is made but not what it is.
+NON_OUTPUT_KEYS = ("workers",)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def filename(self) -> str:
+        return shard_name(self.split, self.index)
+
+
+def plan_shards(cfg: SynthConfig) -> list[ShardPlan]:
+    """Every shard of the output, in order, with the global sample range it holds."""
+    n_val = cfg.num_val
+    ranges = {"train": (0, cfg.num_samples - n_val), "val": (cfg.num_samples - n_val, cfg.num_samples)}
+    plan = []
+    for split, (a, b) in ranges.items():
+        for k, start in enumerate(range(a, b, cfg.shard_size)):
+            plan.append(ShardPlan(split, k, start, min(start + cfg.shard_size, b)))
+    return plan
+
+
+def sample_key(index: int) -> str:
+    return f"{index:08d}"
+
+
+# Worker state, set once per worker process by `_init_worker` so that each task sends only an index.
+_CFG: SynthConfig | None = None
+_BACKGROUNDS: list[Path] | None = None
+
+
+def _init_worker(cfg: SynthConfig) -> None:
+    global _CFG, _BACKGROUNDS
+    _CFG = cfg
+    _BACKGROUNDS = background_files(cfg.background_dir) if cfg.background_dir else None
+
+
+def _make_sample(index: int) -> Sample:
+    assert _CFG is not None, "worker not initialised"
+    image, mask, meta = render_sample(_CFG, index, _BACKGROUNDS)
+    return encode_sample(sample_key(index), image, mask, meta, _CFG.image_format, _CFG.jpeg_quality)
+
+
+def _check_or_write_config(cfg: SynthConfig, out: Path, is_main: bool) -> None:
+    path = out / CONFIG_NAME
+    new = to_dict(cfg)
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        changed = [k for k in sorted(set(old) | set(new)) if k not in NON_OUTPUT_KEYS and old.get(k) != new.get(k)]
+        if changed:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"output folder '{out}' holds shards of another config ({diff}); "
+                f"use another --out, or delete the folder to regenerate"
+            )
+    elif any(out.glob("*.tar")):
+        raise ConfigError(f"output folder '{out}' holds shards but no {CONFIG_NAME}: not a folder this command made")
+    if is_main:
+        save_config(cfg, path)
+
+
+def _dist_state():
+    """(rank, world, barrier) of an `accelerate launch` run, or a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.wait_for_everyone
+
+
+def _samples(todo: list[ShardPlan], workers: int, cfg: SynthConfig) -> Iterator[Sample]:
+    """Samples of `todo` in order, rendered by `workers` processes with a bounded number in flight."""
+    indices = itertools.chain.from_iterable(range(p.start, p.stop) for p in todo)
+    if workers <= 1:
+        _init_worker(cfg)
+        yield from map(_make_sample, indices)
+        return
+    # spawn, not fork: this may run inside an `accelerate launch` process that already started threads.
+    # An executor, not a Pool: a worker that dies raises BrokenProcessPool instead of hanging the run.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(cfg,)) as pool:
+        window: deque = deque()
+        for index in indices:
+            window.append(pool.submit(_make_sample, index))
+            if len(window) >= 4 * workers:  # bounds memory: encoded 4K samples are tens of MB each
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict | None:
+    """Write the shards of `cfg` into `out` and return the `_info.json` content (on process 0, else None).
+
+    Complete shards already in `out` from an interrupted run of the same config are kept.
+    """
+    out = Path(out)
+    rank, world, barrier = _dist_state()
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_config(cfg, out, rank == 0)
+    barrier()
+
+    plan = plan_shards(cfg)
+    mine = [p for j, p in enumerate(plan) if j % world == rank]
+    for p in mine:  # leftovers of a killed run: never complete, so never trusted
+        (out / (p.filename + TMP_SUFFIX)).unlink(missing_ok=True)
+    todo = [p for p in mine if not (out / p.filename).exists()]
+    kept = len(mine) - len(todo)
+    if kept:
+        log.info("rank %d: keeping %d complete shard(s), writing %d", rank, kept, len(todo))
+    workers = cfg.workers or os.cpu_count() or 1
+    total = sum(p.stop - p.start for p in todo)
+    records: dict[str, ShardRecord] = {}
+    with tqdm(total=total, desc=f"generate[{rank}]" if world > 1 else "generate", unit="img",
+              disable=not progress or total == 0, position=rank) as bar:
+        with closing(_samples(todo, min(workers, max(total, 1)), cfg)) as stream:
+            for p in todo:
+                chunk = itertools.islice(stream, p.stop - p.start)
+                records[p.filename] = write_shard(out / p.filename, _counting(chunk, bar))
+    barrier()
+    info = None
+    if rank == 0:
+        info = _write_info(cfg, out, plan, records)
+    barrier()
+    return info
+
+
+def _counting(samples, bar):
+    for s in samples:
+        yield s
+        bar.update(1)
+
+
+def _write_info(cfg: SynthConfig, out: Path, plan: list[ShardPlan], fresh: dict[str, ShardRecord]) -> dict:
+    splits: dict[str, list[ShardRecord]] = {}
+    for p in plan:
+        path = out / p.filename
+        if not path.exists():
+            raise RuntimeError(f"shard '{path}' is missing after generation: another process failed")
+        rec = fresh.get(p.filename) or ShardRecord(p.filename, p.stop - p.start, sha256_file(path),
+                                                    path.stat().st_size)
+        splits.setdefault(p.split, []).append(rec)
+    info = write_info(out, cfg.name, splits, cfg.classes, to_dict(cfg), source=cfg.backend,
+                      extra={"image_size": list(cfg.size)})
+    log.info("wrote %s with %d samples in %d shards", out / INFO_NAME, cfg.num_samples, len(plan))
+    return info

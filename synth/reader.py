@@ -1,0 +1,198 @@
+"""The one shard reader every stage uses: a WebDataset pipeline that yields decoded tensors.
+
+A location is one of
+- a local shard folder (it holds `_info.json`),
+- any location naming `_info.json`: a local file, an `https://` URL, or a `pipe:` command such as
+  `pipe:aws s3 cp s3://bucket/ds/_info.json -`; each shard's location is the same string with `_info.json`
+  replaced by the shard's file name, so object storage works without copying,
+- a brace pattern or list of shard URLs (`/data/train-{000000..000009}.tar`, `pipe:...`), then `classes` must
+  be given.
+
+Two modes. Evaluation (`resampled=False`) reads every sample exactly once over all ranks and DataLoader
+workers: shards are dealt out when there are at least as many as readers, otherwise every reader opens every
+shard and keeps every n-th sample, so no reader idles and none sees a sample twice. Training
+(`resampled=True`) draws shards with replacement forever, seeded per rank and worker, and stops each reader
+after its share of a fixed epoch length, so every rank runs the same number of steps and none waits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.filters import _shuffle
+from webdataset.utils import make_seed, pytorch_worker_info
+
+from .shards import IMAGE_EXTS, INFO_NAME, ShardError, read_info
+
+log = logging.getLogger(__name__)
+
+
+def load_info(location: str | Path) -> dict:
+    """`_info.json` of a local folder, a local file, an https URL or a `pipe:` command."""
+    loc = str(location)
+    if loc.startswith("pipe:"):
+        out = subprocess.run(loc[5:], shell=True, check=False, capture_output=True)
+        if out.returncode != 0:
+            raise ShardError(f"'{loc}' failed ({out.returncode}): {out.stderr.decode(errors='replace')[:500]}")
+        return json.loads(out.stdout)
+    if loc.startswith(("http://", "https://")):
+        with urllib.request.urlopen(loc, timeout=60) as resp:  # noqa: S310 - the user names the location
+            return json.loads(resp.read())
+    path = Path(loc)
+    return read_info(path.parent if path.name == INFO_NAME else path)
+
+
+def resolve_shards(location: str | Path | list[str], split: str | None = None) -> tuple[list[str], dict | None]:
+    """Shard URLs of `split` at `location` and the `_info.json` content when there is one."""
+    if isinstance(location, (list, tuple)):
+        return [str(u) for u in location], None
+    loc = str(location)
+    is_dir = Path(loc).is_dir()
+    if not is_dir and INFO_NAME not in loc:
+        urls = list(wds.shardlists.expand_urls(loc))
+        if not urls:
+            raise ShardError(f"shard location '{loc}' expands to no shard")
+        return urls, None
+    info = load_info(loc)
+    splits = info["splits"]
+    split = split or next(iter(splits))
+    if split not in splits:
+        raise ShardError(f"split '{split}' not found at '{loc}'; it has: {', '.join(splits) or 'none'}")
+    names = splits[split]["filenames"]
+    if is_dir:
+        return [str(Path(loc) / n) for n in names], info
+    at = loc.rfind(INFO_NAME)
+    return [loc[:at] + n + loc[at + len(INFO_NAME):] for n in names], info
+
+
+class SkipCounter:
+    """Counts and logs samples that could not be read, per reader process."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping unreadable data (%d so far in this reader): %r", self.count, exn)
+        return True  # keep going
+
+
+def decode_sample(sample: dict, num_classes: int) -> dict:
+    """Raw tar members -> {"image": float (3,H,W) in [0,1], "mask": long (H,W), "labels": float (K,), ...}."""
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or "mask.png" not in sample:
+        raise ShardError(f"sample '{key}' in {sample.get('__url__')}: missing image or mask.png member")
+    image = np.array(Image.open(io.BytesIO(sample[ext])).convert("RGB"))  # a writable copy for torch
+    mask = np.array(Image.open(io.BytesIO(sample["mask.png"])))
+    if mask.shape != image.shape[:2]:
+        raise ShardError(f"sample '{key}' in {sample.get('__url__')}: mask {mask.shape} != image {image.shape[:2]}")
+    mask_t = torch.from_numpy(mask.astype(np.int64))
+    if int(mask_t.max()) > num_classes:
+        raise ShardError(f"sample '{key}' in {sample.get('__url__')}: mask value {int(mask_t.max())} "
+                         f"outside the {num_classes} defect classes")
+    present = torch.bincount(mask_t.flatten(), minlength=num_classes + 1)[1:] > 0
+    return {
+        "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
+        "mask": mask_t,
+        "labels": present.float(),
+        "cls": int(sample["cls"]) if "cls" in sample else int(present.float().argmax()) + int(present.any()),
+        "key": key,
+        "meta": sample.get("json", b"{}").decode(),
+    }
+
+
+def _safe_map(fn: Callable[[dict], dict], counter: SkipCounter):
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        for sample in src:
+            try:
+                yield fn(sample)
+            except Exception as exn:  # a corrupt sample is skipped and counted, not fatal
+                counter(exn)
+    return stage
+
+
+class _EvalSource(torch.utils.data.IterableDataset):
+    """Every sample once over all (rank, worker) readers; see the module docstring."""
+
+    def __init__(self, urls: list[str], handler: SkipCounter):
+        self.urls = urls
+        self.handler = handler
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = pytorch_worker_info()
+        reader, readers = rank * num_workers + worker, world * num_workers
+        by_shard = len(self.urls) >= readers
+        shards = self.urls[reader::readers] if by_shard else self.urls
+        samples = wds.tarfile_to_samples(handler=self.handler)(iter({"url": u} for u in shards))
+        for i, sample in enumerate(samples):
+            if by_shard or i % readers == reader:
+                yield sample
+
+
+def _take_share(total: int):
+    """Stop each reader after its share of `total` samples (the fixed epoch length of resampled mode)."""
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        _, world, _, num_workers = pytorch_worker_info()
+        share = -(-total // (world * num_workers))
+        for i, sample in enumerate(src):
+            if i >= share:
+                return
+            yield sample
+    return stage
+
+
+def _seeded_shuffle(bufsize: int, seed: int):
+    def stage(src: Iterator[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = pytorch_worker_info()
+        return _shuffle(src, bufsize=bufsize, initial=min(bufsize, 64), seed=make_seed(seed, rank, worker))
+    return stage
+
+
+def make_dataset(location: str | Path | list[str], split: str | None = None, *, resampled: bool = False,
+                 epoch_samples: int | None = None, shuffle: int = 0, seed: int = 0,
+                 classes: list[str] | None = None, transform: Callable[[dict], dict] | None = None
+                 ) -> wds.DataPipeline:
+    """The WebDataset pipeline over `split` at `location`, decoding to tensors.
+
+    `resampled=True` needs `epoch_samples`, the number of samples per epoch over all ranks. `shuffle` is a
+    buffer size (0 = keep shard order). `transform` runs on each decoded sample (for example a crop) inside
+    the loader workers. The pipeline has `.classes` and `.info` (None without `_info.json`) attributes.
+    """
+    urls, info = resolve_shards(location, split)
+    if info is not None:
+        classes = info["classes"]
+    if not classes:
+        raise ShardError(f"'{location}' has no _info.json: pass classes=[background, ...] to read it")
+    counter = SkipCounter()
+    stages: list = []
+    if resampled:
+        if not epoch_samples or epoch_samples < 1:
+            raise ValueError("resampled=True needs epoch_samples >= 1 (samples per epoch over all ranks)")
+        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True),
+                   wds.tarfile_to_samples(handler=counter)]
+    else:
+        stages.append(_EvalSource(urls, counter))
+    if shuffle > 0:
+        stages.append(_seeded_shuffle(shuffle, seed))
+    num_classes = len(classes) - 1
+    stages.append(_safe_map(lambda s: decode_sample(s, num_classes), counter))
+    if transform is not None:
+        stages.append(_safe_map(transform, counter))
+    if resampled:
+        stages.append(_take_share(epoch_samples))
+    pipeline = wds.DataPipeline(*stages)
+    pipeline.classes = list(classes)
+    pipeline.info = info
+    pipeline.skipped = counter
+    return pipeline
