@@ -1,0 +1,155 @@
+"""Kornia augmentations: same geometry for image and mask, masks stay class-index maps, seeding, config errors."""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import pytest
+import torch
+
+from pretrain.augment import AugmentConfig, augment_batch, build_augment
+
+VALUES = torch.tensor([0, 1, 2, 5])
+GEOMETRY_ONLY = {"color_jitter": 0.0, "resized_crop": False}
+
+
+def _marked_batch(b: int = 8, size: tuple[int, int] = (48, 48), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks with blobs of classes {1, 2, 5}; the image's channel 0 is 1 exactly on the defects."""
+    g = torch.Generator().manual_seed(seed)
+    masks = VALUES[torch.randint(0, 4, (b, size[0] // 4, size[1] // 4), generator=g)]
+    masks = masks.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    images = torch.rand(b, 3, *size, generator=g) * 0.5
+    images[:, 0] = (masks > 0).float()
+    return images, masks
+
+
+def _all_rotations_and_flips(x: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for k in range(4):
+        r = torch.rot90(x, k, dims=(-2, -1))
+        out += [r, r.flip(-1)]
+    return out
+
+
+def test_mask_values_stay_in_the_input_set() -> None:
+    aug = build_augment(AugmentConfig(), (40, 40))
+    for seed in range(5):
+        torch.manual_seed(seed)
+        images, masks = _marked_batch(seed=seed)
+        out, out_masks = augment_batch(aug, images, masks)
+        assert out.shape == (8, 3, 40, 40) and out_masks.shape == (8, 40, 40)
+        assert out_masks.dtype == torch.long
+        assert torch.isin(out_masks, VALUES).all()
+        assert out.min() >= 0 and out.max() <= 1
+
+
+def test_float_mask_path_has_no_value_drift() -> None:
+    aug = build_augment(AugmentConfig(), (40, 40))
+    torch.manual_seed(0)
+    images, masks = _marked_batch()
+    _, out_masks = aug(images, masks[:, None].float())
+    assert torch.equal(out_masks, out_masks.round()), "nearest resampling must copy values, not blend them"
+
+
+@pytest.mark.parametrize("rot90", [0.0, 1.0])
+def test_flips_and_rotations_move_image_and_mask_together(rot90: float) -> None:
+    aug = build_augment(AugmentConfig(hflip=0.5, vflip=0.5, rot90=rot90, **GEOMETRY_ONLY), (48, 48))
+    moved = 0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        images, masks = _marked_batch(seed=seed)
+        out, out_masks = augment_batch(aug, images, masks)
+        # The defect pixels of the output mask are exactly where the moved image is marked.
+        assert torch.equal(out_masks > 0, out[:, 0] == 1)
+        for i in range(len(images)):
+            candidates = _all_rotations_and_flips(torch.cat([images[i], masks[i][None].float()]))
+            pair = torch.cat([out[i], out_masks[i][None].float()])
+            assert any(torch.equal(pair, c) for c in candidates), "an exact flip/rotation of the input pair"
+            moved += not torch.equal(out_masks[i], masks[i])
+    assert moved > 0
+
+
+def test_resized_crop_samples_image_and_mask_on_the_same_grid() -> None:
+    # Stripes along one axis make the bilinear image 1-D, so the nearest mask pixel is the one whose weight
+    # is above 1/2: a half-pixel shift between the two (align_corners=True for the image) breaks this.
+    aug = build_augment(AugmentConfig(hflip=0.0, vflip=0.0, rot90=0.0, color_jitter=0.0), (48, 48))
+    g = torch.Generator().manual_seed(0)
+    for seed, axis in [(0, 1), (1, 2), (2, 1)]:
+        stripes = (torch.rand(8, 64, generator=g) < 0.4).long()
+        masks = (stripes[:, None, :] if axis == 1 else stripes[:, :, None]).expand(8, 64, 64).contiguous()
+        images = masks[:, None].float().expand(8, 3, 64, 64).contiguous()
+        torch.manual_seed(seed)
+        out, out_masks = augment_batch(aug, images, masks)
+        value = out[:, 0]
+        sure = (value - 0.5).abs() > 1e-3
+        assert torch.equal((value > 0.5)[sure], (out_masks > 0)[sure])
+
+
+def test_color_jitter_changes_the_image_only() -> None:
+    aug = build_augment(AugmentConfig(hflip=0, vflip=0, rot90=0, color_jitter=1.0, resized_crop=False), (32, 32))
+    torch.manual_seed(0)
+    images, masks = _marked_batch(size=(32, 32))
+    images[:, 1] = 1.0  # saturated channel: brightness up must be clamped
+    out, out_masks = augment_batch(aug, images, masks)
+    assert torch.equal(out_masks, masks)
+    assert not torch.allclose(out, images)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_output_images_are_clamped() -> None:
+    aug = build_augment(AugmentConfig(color_jitter=0.0), (32, 32))
+    images, masks = _marked_batch()
+    out, _ = augment_batch(aug, images * 1.5 - 0.2, masks)
+    assert out.min() == 0 and out.max() == 1
+
+
+def test_reproducible_with_manual_seed() -> None:
+    aug = build_augment(AugmentConfig(), (40, 40))
+    images, masks = _marked_batch()
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(augment_batch(aug, images, masks))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_rotation_is_left_out_for_non_square_size() -> None:
+    aug = build_augment(AugmentConfig(rot90=1.0), (32, 48))
+    assert not any(isinstance(m, K.RandomRotation90) for m in aug.children())
+    images, masks = _marked_batch(size=(64, 64))
+    out, out_masks = augment_batch(aug, images, masks)
+    assert out.shape == (8, 3, 32, 48) and out_masks.shape == (8, 32, 48)
+    assert any(isinstance(m, K.RandomRotation90) for m in build_augment(AugmentConfig(rot90=1.0), (32, 32)).children())
+
+
+def test_rotation_of_non_square_input_without_crop_is_refused() -> None:
+    aug = build_augment(AugmentConfig(rot90=1.0, resized_crop=False), (32, 32))
+    images, masks = _marked_batch(size=(32, 48))
+    with pytest.raises(ValueError, match="square"):
+        augment_batch(aug, images, masks)
+
+
+def test_bad_inputs_are_rejected() -> None:
+    aug = build_augment(AugmentConfig(), (32, 32))
+    images, masks = _marked_batch(size=(32, 32))
+    with pytest.raises(ValueError, match="masks"):
+        augment_batch(aug, images, masks.float())
+    with pytest.raises(ValueError, match="masks"):
+        augment_batch(aug, images, masks[:, :16])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("hflip", 1.5, "[0, 1]"),
+        ("color_jitter", -0.1, "[0, 1]"),
+        ("crop_scale", (0.9, 0.2), "low <= high"),
+        ("crop_scale", (0.2, 1.5), "<= 1"),
+        ("crop_ratio", (0.0, 1.0), "0 < low"),
+    ],
+)
+def test_bad_config_names_key_value_and_expectation(key: str, value: object, expected: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_augment(AugmentConfig(**{key: value}), (32, 32))
+    message = str(err.value)
+    assert f"'{key}'" in message and repr(value) in message and expected in message
