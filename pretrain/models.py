@@ -1,0 +1,421 @@
+"""Backbone factory (timm, never a hub download), weights I/O and the pretraining network.
+
+Every model is built with ``pretrained=False``; weights only ever come from a local file the user names
+(``load_weights``). Runs are saved as ``model.safetensors`` + ``model_config.json`` so that ``load_model``
+can rebuild the exact architecture without the training config.
+
+Notes on families (timm 1.0.x):
+
+- ViT / ViT-hybrid: ``img_size`` sets the position-embedding grid; ``dynamic_img_size=True`` is passed so
+  other input sizes interpolate it. Inputs must be multiples of the patch stride (16 for ``*_patch16_*``,
+  32 for the ``r26_s32`` hybrid), which ``create_backbone`` checks for ``img_size``.
+- Swin: timm clamps each stage's window to that stage's feature size, so any ``img_size`` that is a multiple
+  of the patch size (4) builds; multiples of 32 avoid padding in the patch-merging layers. The relative
+  position tables depend on the clamped windows, so weights only load into a model built with a compatible
+  ``img_size`` (``load_model`` rebuilds with the saved one).
+- HRNet: ``forward_features`` returns the classification features (2048 channels at stride 32, the
+  branches already fused), not the stride-4 high-resolution branch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# Only names that are not timm models themselves, so an alias never hides a real architecture
+# (e.g. "hrnet_w18" is a timm model distinct from "hrnet_w18_small", so it is not an alias).
+ALIASES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+    "vit_hybrid_small": "vit_small_r26_s32_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+}
+
+TOKEN_POOLS = ("token", "avg", "max", "avgmax", "map")
+SPATIAL_POOLS = ("avg", "max", "avgmax")
+_NEST_KEYS = ("state_dict", "model", "module")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+def resolve_model_name(name: str) -> str:
+    """Alias or timm model name (optionally with a pretrained tag) -> timm name; unknown -> ValueError."""
+    key = name.strip()
+    if key in ALIASES:
+        return ALIASES[key]
+    known = timm.list_models()
+    if key in known:
+        return key
+    # "arch.tag" names only select a pretrained_cfg (mean/std); no weights are fetched with pretrained=False.
+    if "." in key and key.split(".", 1)[0] in known and key in timm.list_pretrained(key):
+        return key
+    close = difflib.get_close_matches(key, known + list(ALIASES), n=5, cutoff=0.0)
+    raise ValueError(f"unknown model {name!r}; closest names: {', '.join(close)}")
+
+
+def _probe(resolved: str) -> nn.Module | None:
+    """Build the default architecture on the meta device (no memory, ~0.1 s) to inspect its class."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(resolved, pretrained=False)
+    except Exception as err:  # noqa: BLE001 - a model that cannot be built on meta only loses the pre-checks
+        logger.debug("meta probe of %s failed (%s); skipping pre-checks", resolved, err)
+        return None
+
+
+def _init_params(model: nn.Module) -> set[str]:
+    return set(inspect.signature(type(model).__init__).parameters)
+
+
+def _is_token_model(model: nn.Module) -> bool:
+    return hasattr(model, "num_prefix_tokens")
+
+
+def _check_img_size(model: nn.Module, resolved: str, img_size: int | tuple[int, int]) -> None:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return
+    info = getattr(getattr(pe, "backbone", None), "feature_info", None)
+    # HybridEmbed.feat_ratio() divides img_size by the (rounded) grid, so a hybrid's stride comes from its stem
+    if isinstance(info, list) and info:
+        ratio = tuple(info[-1]["reduction"] * p for p in pe.patch_size)
+    else:
+        ratio = pe.feat_ratio() if callable(getattr(pe, "feat_ratio", None)) else pe.patch_size
+    ratio_hw = (ratio, ratio) if isinstance(ratio, int) else tuple(ratio)
+    size_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if any(s % r for s, r in zip(size_hw, ratio_hw, strict=True)):
+        raise ValueError(
+            f"img_size {img_size} does not suit {resolved}: each side must be a multiple of its patch stride "
+            f"{ratio_hw} (e.g. {tuple(max(r, s // r * r) for s, r in zip(size_hw, ratio_hw, strict=True))})"
+        )
+    layers = getattr(model, "layers", None)
+    if getattr(model, "output_fmt", None) == "NHWC" and layers is not None:
+        total = ratio_hw[0] * 2 ** (len(layers) - 1)
+        if any(s % total for s in size_hw):
+            logger.warning("img_size %s is not a multiple of %d: %s pads its patch-merging layers", img_size, total,
+                           resolved)
+
+
+def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | None, global_pool: str | None,
+           drop_path_rate: float, kwargs: dict[str, Any]) -> nn.Module:
+    resolved = resolve_model_name(name)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    probe = _probe(resolved)
+    accepted = _init_params(probe) if probe is not None else set()
+    kw: dict[str, Any] = dict(kwargs)
+    if "dynamic_img_size" in accepted:
+        kw.setdefault("dynamic_img_size", True)
+    if img_size is not None:
+        if probe is None or "img_size" in accepted:
+            kw["img_size"] = tuple(img_size) if isinstance(img_size, list) else img_size
+        else:
+            logger.info("%s is fully convolutional: img_size=%s is recorded but not passed to it", resolved, img_size)
+    if global_pool is not None:
+        if probe is not None:
+            allowed = TOKEN_POOLS if _is_token_model(probe) else SPATIAL_POOLS
+            if global_pool not in allowed:
+                family = "ViT-like (token)" if _is_token_model(probe) else "convolutional/Swin (spatial)"
+                raise ValueError(f"global_pool={global_pool!r} is invalid for {resolved}, a {family} model; "
+                                 f"accepted: {', '.join(allowed)}")
+        kw["global_pool"] = global_pool
+    if drop_path_rate:
+        if probe is not None and "drop_path_rate" not in accepted:
+            raise ValueError(f"{resolved} ({type(probe).__name__}) does not support drop_path_rate")
+        kw["drop_path_rate"] = drop_path_rate
+    try:
+        model = timm.create_model(resolved, pretrained=False, num_classes=num_classes, **kw)
+    except (AssertionError, TypeError) as err:
+        raise ValueError(f"cannot build {resolved} with {kw}: {err}") from err
+    if img_size is not None and "img_size" in kw:
+        _check_img_size(model, resolved, kw["img_size"])
+    return model
+
+
+def create_backbone(name: str, *, num_classes: int, img_size: int | tuple[int, int] | None = None,
+                    global_pool: str | None = None, weights: str | Path | None = None, drop_path_rate: float = 0.0,
+                    skip_head: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a timm model (``pretrained=False``) and optionally load a local weights file into it.
+
+    ``img_size`` reaches only models whose class takes it (ViT, hybrids, Swin), which also get
+    ``dynamic_img_size=True``. ``skip_head`` is passed on to ``load_weights``.
+    """
+    model = _build(name, num_classes=num_classes, img_size=img_size, global_pool=global_pool,
+                   drop_path_rate=drop_path_rate, kwargs=kwargs)
+    if weights is not None:
+        load_weights(model, weights, skip_head=skip_head)
+    else:
+        logger.info("%s starts from random initialisation (no weights file given)", resolve_model_name(name))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    # safetensors starts with a little-endian u64 header length followed by the JSON header.
+    if len(head) == 9 and head[8:9] == b"{":
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except Exception as err:
+            raise ValueError(f"{path} looks like safetensors but cannot be read: {err}") from err
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is neither a safetensors file nor a torch checkpoint loadable with "
+                         f"weights_only=True: {err}") from err
+    for _ in range(len(_NEST_KEYS)):
+        if not isinstance(obj, Mapping) or all(isinstance(v, Tensor) for v in obj.values()):
+            break
+        nested = next((obj[k] for k in _NEST_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        keys = list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(f"{path} holds no state dict (tensors by name, bare or under {'/'.join(_NEST_KEYS)}); "
+                         f"found {keys}")
+    return dict(obj)
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the class-dependent output layers (skipped by ``load_weights(skip_head=True)``)."""
+    if callable(getattr(model, "head_prefixes", None)):
+        return tuple(model.head_prefixes())
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ("head", "fc", "classifier")
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+
+def _is_head_key(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict_shapes: bool = True, skip_head: bool = False) -> dict:
+    """Load a local safetensors / torch weights file into ``model``; returns what was loaded and what was not.
+
+    ``skip_head=True`` leaves every classifier-head tensor at its initialisation (whatever its shape), so a
+    backbone trained on K classes loads into a K'-class model. With ``strict_shapes=False`` other tensors of
+    the wrong shape are skipped and listed under ``"mismatched"`` instead of raising.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    file_sd = {_strip(k): v for k, v in _read_state_dict(path).items()}
+    model_sd = model.state_dict()
+    prefixes = head_prefixes(model)
+    to_load: dict[str, Tensor] = {}
+    report: dict[str, list[str]] = {"loaded": [], "missing": [], "unexpected": [], "skipped_head": [],
+                                    "mismatched": []}
+    for key, tensor in file_sd.items():
+        if key not in model_sd:
+            report["unexpected"].append(key)
+        elif skip_head and _is_head_key(key, prefixes):
+            report["skipped_head"].append(key)
+        elif tensor.shape != model_sd[key].shape:
+            if strict_shapes:
+                raise ValueError(f"shape mismatch for {key!r} in {path}: file {tuple(tensor.shape)}, model "
+                                 f"{tuple(model_sd[key].shape)}" + ("" if skip_head or not _is_head_key(key, prefixes)
+                                                                    else " (a head tensor: use skip_head=True)"))
+            report["mismatched"].append(key)
+        else:
+            to_load[key] = tensor
+    if not to_load:
+        raise ValueError(f"no tensor in {path} matches the model: file keys start {list(file_sd)[:5]}, "
+                         f"model keys start {list(model_sd)[:5]}")
+    model.load_state_dict(to_load, strict=False)
+    report["loaded"] = list(to_load)
+    skipped = set(report["skipped_head"]) | set(report["mismatched"])
+    report["missing"] = [k for k in model_sd if k not in to_load and k not in skipped]
+    logger.info("loaded %d tensors from %s (%d missing, %d unexpected, %d head skipped, %d mismatched)",
+                len(to_load), path, len(report["missing"]), len(report["unexpected"]), len(report["skipped_head"]),
+                len(report["mismatched"]))
+    for kind in ("missing", "unexpected", "mismatched"):
+        if report[kind]:
+            logger.warning("%s keys (%d), first: %s", kind, len(report[kind]), report[kind][:5])
+    return report
+
+
+def model_config(model_name: str, *, num_classes: int, classes: list[str], img_size: int | tuple[int, int] | None,
+                 global_pool: str | None, kwargs: dict, mean: Any, std: Any) -> dict:
+    """Everything ``load_model`` needs to rebuild the architecture (JSON-serialisable)."""
+    from synth import __version__
+
+    try:
+        json.dumps(kwargs)
+    except TypeError as err:
+        raise ValueError(f"model kwargs must be JSON-serialisable to be saved: {err}") from err
+    return {
+        "architecture": "timm",
+        "model": resolve_model_name(model_name),
+        "alias": model_name,
+        "num_classes": int(num_classes),
+        "classes": list(classes),
+        "img_size": list(img_size) if isinstance(img_size, tuple | list) else img_size,
+        "global_pool": global_pool,
+        "kwargs": dict(kwargs),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "version": __version__,
+    }
+
+
+def save_model(model: nn.Module, run_dir: str | Path, model_config: dict) -> None:
+    """Write RUN/model.safetensors and RUN/model_config.json, each via a temporary name.
+
+    A ``PretrainNet`` is recorded as such (with its dense head) so ``load_model`` rebuilds the wrapper;
+    saving ``net.backbone`` gives a plain timm state dict that finetune loads into a fresh timm model.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(model_config)
+    if isinstance(model, PretrainNet):
+        config["module"] = {"type": "PretrainNet", "dense_head": model.dense is not None,
+                            "dense_hidden": model.dense_hidden}
+    else:
+        config.pop("module", None)
+    tmp = run_dir / (WEIGHTS_FILE + ".tmp")
+    safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
+    os.replace(tmp, run_dir / WEIGHTS_FILE)  # same folder, so atomic: never a half file under the final name
+    tmp = run_dir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, run_dir / CONFIG_FILE)
+    logger.info("saved %s to %s", config.get("model"), run_dir)
+
+
+def load_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model from RUN/model_config.json and load RUN/model.safetensors strictly (eval mode)."""
+    run_dir = Path(run_dir)
+    cfg_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: is {run_dir} a saved run?")
+    config = json.loads(cfg_path.read_text())
+    if config.get("architecture") != "timm":
+        raise ValueError(f"{cfg_path}: architecture {config.get('architecture')!r} is not supported (expected 'timm')")
+    img_size = config.get("img_size")
+    model: nn.Module = _build(config["model"], num_classes=config["num_classes"],
+                              img_size=tuple(img_size) if isinstance(img_size, list) else img_size,
+                              global_pool=config.get("global_pool"), drop_path_rate=0.0,
+                              kwargs=config.get("kwargs") or {})
+    module = config.get("module") or {}
+    if module.get("type") == "PretrainNet":
+        model = PretrainNet(model, config["num_classes"], dense_head=module["dense_head"],
+                            dense_hidden=module["dense_hidden"])
+    try:
+        safetensors.torch.load_model(model, str(weights_path), strict=True, device="cpu")
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path} does not match the model described by {cfg_path}: {err}") from err
+    return model.eval(), config
+
+
+# ------------------------------------------------------------------------------------------- network
+
+
+def _token_grid(model: nn.Module, n_tokens: int, input_hw: tuple[int, int] | None) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    grid: tuple[int, int] | None = None
+    if pe is not None and input_hw is not None and callable(getattr(pe, "dynamic_feat_size", None)):
+        grid = tuple(pe.dynamic_feat_size(tuple(input_hw)))
+    elif pe is not None and getattr(pe, "grid_size", None) is not None:
+        grid = tuple(pe.grid_size)
+    else:
+        side = round(n_tokens**0.5)
+        grid = (side, side)
+    if grid[0] * grid[1] != n_tokens:
+        raise ValueError(f"{n_tokens} patch tokens do not fill a {grid[0]}x{grid[1]} grid: pass the input size "
+                         f"(input_hw) for inputs other than the model's img_size")
+    return grid
+
+
+def features_to_map(model: nn.Module, feats: Tensor, input_hw: tuple[int, int] | None = None) -> Tensor:
+    """timm ``forward_features`` output -> NCHW map.
+
+    (B, N, C) tokens (ViTs, hybrids): the ``num_prefix_tokens`` class/register tokens are dropped and the rest
+    reshaped to the patch grid of ``input_hw`` (needed for inputs other than ``img_size``). 4-D outputs are
+    NHWC when the model says so (``output_fmt``, Swin) or, for models that do not, when only the last dim
+    equals ``num_features``; otherwise NCHW (CNNs, HRNet), returned unchanged.
+    """
+    if feats.ndim == 3:
+        tokens = feats[:, int(getattr(model, "num_prefix_tokens", 0)):]
+        gh, gw = _token_grid(model, tokens.shape[1], input_hw)
+        return tokens.transpose(1, 2).reshape(feats.shape[0], feats.shape[2], gh, gw)
+    if feats.ndim != 4:
+        raise ValueError(f"cannot turn features of shape {tuple(feats.shape)} into a feature map")
+    fmt = getattr(model, "output_fmt", None)
+    fmt = str(getattr(fmt, "value", fmt)) if fmt is not None else None
+    if fmt == "NHWC":
+        return feats.permute(0, 3, 1, 2)
+    if fmt is None:
+        nf = getattr(model, "num_features", None)
+        if nf is not None and feats.shape[-1] == nf and feats.shape[1] != nf:
+            return feats.permute(0, 3, 1, 2)
+    return feats
+
+
+class PretrainNet(nn.Module):
+    """timm backbone + its multi-label classification head, plus an optional dense (mask) head.
+
+    forward(x) -> {"logits": (B, K)} and, with ``dense_head=True``, "dense": (B, K+1, H, W) (class 0 is
+    background), bilinearly upsampled from the backbone's last feature map to the input size.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, dense_head: bool = False, dense_hidden: int = 256):
+        super().__init__()
+        if getattr(backbone, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"backbone has {backbone.num_classes} classes, PretrainNet was given {num_classes}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.dense_hidden = dense_hidden
+        self.dense: nn.Sequential | None = None
+        if dense_head:
+            channels = int(backbone.num_features)
+            self.dense = nn.Sequential(
+                nn.Conv2d(channels, dense_hidden, 1, bias=False),
+                nn.BatchNorm2d(dense_hidden),
+                nn.GELU(),
+                nn.Conv2d(dense_hidden, num_classes + 1, 1),
+            )
+
+    def head_prefixes(self) -> tuple[str, ...]:
+        heads = tuple(f"backbone.{p}" for p in head_prefixes(self.backbone))
+        return heads + (("dense.3",) if self.dense is not None else ())
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.backbone.forward_features(x)
+        out = {"logits": self.backbone.forward_head(feats)}
+        if self.dense is not None:
+            fmap = features_to_map(self.backbone, feats, tuple(x.shape[-2:]))
+            if fmap.shape[1] != self.dense[0].in_channels:
+                raise ValueError(f"feature map has {fmap.shape[1]} channels, the dense head expects "
+                                 f"{self.dense[0].in_channels}")
+            out["dense"] = F.interpolate(self.dense(fmap), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out
