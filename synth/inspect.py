@@ -55,7 +55,7 @@ def _pick(info: dict, split: str, num: int, seed: int) -> set[int]:
     return {int(i) for i in chosen}
 
 
-def _class_colors(classes: list[str]) -> list[tuple[float, float, float]]:
+def class_colors(classes: list[str]) -> list[tuple[float, float, float]]:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10" if len(classes) <= 11 else "tab20"]
@@ -108,7 +108,7 @@ def preview(folder: str | Path, out_png: str | Path, split: str | None = None, n
     if not thumbs:
         raise ShardError(f"split '{split}' of '{folder}': its shards hold fewer samples than _info.json declares")
     classes = list(info["classes"])
-    colors = _class_colors(classes)
+    colors = class_colors(classes)
     lut = np.zeros((256, 4), dtype=np.float32)
     for k in range(1, len(classes)):
         lut[k] = (*colors[k], 0.55)

@@ -11,15 +11,18 @@ A location is one of
 Two modes. Evaluation (`resampled=False`) reads every sample exactly once over all ranks and DataLoader
 workers: shards are dealt out when there are at least as many as readers, otherwise every reader opens every
 shard and keeps every n-th sample, so no reader idles and none sees a sample twice. Training
-(`resampled=True`) draws shards with replacement forever, seeded per rank and worker, and stops each reader
+(`resampled=True`) streams endless passes over the shards, each pass in a fresh order seeded by `(seed, pass)`,
+dealt to the readers the same way (so readers see disjoint samples within a pass), and stops each reader
 after its share of a fixed epoch length, so every rank runs the same number of steps and none waits.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import random
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -140,6 +143,43 @@ class _EvalSource(torch.utils.data.IterableDataset):
                 yield sample
 
 
+class _CyclicSource(torch.utils.data.IterableDataset):
+    """Training stream: pass after pass over the shards, each pass shuffled by `(seed, pass)`.
+
+    Every reader computes the same endless shard sequence and takes its own part of it: every n-th shard
+    when there are at least as many shards as readers, else every n-th sample. Readers never see the same
+    sample within a pass, and none runs dry. A whole pass without a readable sample is an error rather than
+    an endless loop.
+    """
+
+    def __init__(self, urls: list[str], handler: SkipCounter, seed: int):
+        self.urls, self.handler, self.seed = urls, handler, seed
+
+    def _sequence(self) -> Iterator[str]:
+        for cycle in itertools.count():
+            order = list(self.urls)
+            random.Random(make_seed(self.seed, cycle)).shuffle(order)
+            yield from order
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = pytorch_worker_info()
+        reader, readers = rank * num_workers + worker, world * num_workers
+        by_shard = len(self.urls) >= readers
+        shards = itertools.islice(self._sequence(), reader, None, readers) if by_shard else self._sequence()
+        position, barren = 0, 0
+        for url in shards:
+            found = 0
+            for sample in wds.tarfile_to_samples(handler=self.handler)(iter([{"url": url}])):
+                found += 1
+                if by_shard or position % readers == reader:
+                    yield sample
+                position += 1
+            barren = 0 if found else barren + 1
+            if barren >= len(self.urls):
+                raise ShardError(f"no readable sample in a whole pass over {len(self.urls)} shards "
+                                 f"(first: {self.urls[0]})")
+
+
 def _take_share(total: int):
     """Stop each reader after its share of `total` samples (the fixed epoch length of resampled mode)."""
     def stage(src: Iterator[dict]) -> Iterator[dict]:
@@ -179,8 +219,7 @@ def make_dataset(location: str | Path | list[str], split: str | None = None, *, 
     if resampled:
         if not epoch_samples or epoch_samples < 1:
             raise ValueError("resampled=True needs epoch_samples >= 1 (samples per epoch over all ranks)")
-        stages += [wds.ResampledShards(urls, seed=seed, deterministic=True),
-                   wds.tarfile_to_samples(handler=counter)]
+        stages.append(_CyclicSource(urls, counter, seed))
     else:
         stages.append(_EvalSource(urls, counter))
     if shuffle > 0:

@@ -131,3 +131,28 @@ def test_two_accelerate_processes_read_disjoint_samples(shards, tmp_path, mode):
         assert not set(a) & set(b) and len(a) + len(b) == 14
     else:  # resampled: each rank stops after the same number of samples (no rank waits at the epoch end)
         assert len(a) == len(b) == 6
+        assert not set(a) & set(b)  # within a pass over the shards, ranks read disjoint samples
+
+
+def test_training_stream_with_more_readers_than_shards_deals_samples(shards, monkeypatch):
+    # 8 readers over 5 shards: each reader keeps every 8th sample of the common sequence, so the first
+    # pass (14 samples) is split without overlap and every reader still gets its full share
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    seen = []
+    for rank in range(8):
+        monkeypatch.setenv("RANK", str(rank))
+        seen.append(keys_of(make_dataset(shards, "train", resampled=True, epoch_samples=16, seed=5)))
+    assert all(len(k) == 2 for k in seen)
+    firsts = [k[0] for k in seen]
+    assert len(set(firsts)) == 8
+
+
+def test_training_stream_fails_instead_of_spinning_when_no_shard_is_readable(shards, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    info = read_info(shards)
+    (bad / "train-000000.tar").write_bytes(b"not a tar file")
+    info["splits"] = {"train": {**info["splits"]["train"], "filenames": ["train-000000.tar"]}}
+    (bad / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(ShardError, match="no readable sample"):
+        keys_of(make_dataset(bad, "train", resampled=True, epoch_samples=4))

@@ -1,0 +1,116 @@
+"""`PretrainConfig`: every key of `python -m pretrain`, validated before any work starts (docs/pretrain.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from synth.config import require
+
+from .augment import AugmentConfig
+from .cutmix import MixConfig
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    # model (pretrain/models.py): any timm name or alias, built with pretrained=False
+    model: str = "vit_tiny"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    global_pool: str | None = None  # null = the model's default; ViTs: token (CLS) | avg (GAP) | ...
+    weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
+    drop_path_rate: float = 0.0
+    dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
+    dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
+    # optimisation
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps; the cosine schedule spans them
+    stop_after: int | None = None  # end this invocation at that step (schedule unchanged); resume later
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
+    clip_grad: float | None = 1.0
+    mixed_precision: str = "auto"  # auto = no on CPU, bf16 (or fp16) on GPU
+    ema: bool = False
+    ema_decay: float = 0.999
+    compile: bool = False
+    # mixing (pretrain/cutmix.py)
+    cutmix_alpha: float = 0.7
+    cutmix_prob: float = 1.0
+    mixup_alpha: float = 0.0
+    switch_prob: float = 0.5
+    label_mode: str = "area"
+    # augmentation on the device (pretrain/augment.py)
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5
+    color_jitter: float = 0.8
+    resized_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
+    # data
+    train_split: str = "train"
+    val_split: str | None = "val"  # null = no validation
+    num_workers: int = 2  # DataLoader workers per process
+    shuffle_buffer: int = 256
+    trace_samples: bool = False  # write the sample keys each process trained on to RUN/samples/rank-<r>.txt
+    # bookkeeping
+    log_every: int = 10
+    val_every: int = 200
+    checkpoint_every: int = 200  # also the length of one data "epoch" (the stream is reseeded per interval)
+    keep_checkpoints: int = 2
+    resume: str | None = None  # latest | a checkpoint folder
+    study: str | None = None  # W&B group
+    seed: int = 0
+    wandb: bool = True
+    wandb_project: str = "defectforge"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "checkpoint_every",
+                    "keep_checkpoints"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        require(isinstance(self.img_size, int) and 32 <= self.img_size <= 4096, "img_size", self.img_size,
+                "an integer between 32 and 4096")
+        require(self.stop_after is None or 1 <= self.stop_after <= self.max_steps, "stop_after", self.stop_after,
+                f"null or a step in [1, max_steps={self.max_steps}]")
+        for key in ("lr", "min_lr"):
+            value = getattr(self, key)
+            require(math.isfinite(value) and value >= 0, key, value, "a finite number >= 0")
+        require(self.lr > 0, "lr", self.lr, "a number > 0")
+        require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number <= lr ({self.lr})")
+        require(0 <= self.warmup_steps < self.max_steps, "warmup_steps", self.warmup_steps,
+                f"an integer in [0, max_steps={self.max_steps})")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay,
+                "null or a number in (0, 1]")
+        require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "null or a number > 0")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+                f"one of {', '.join(MIXED_PRECISION)}")
+        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a number in [0, 1)")
+        require(self.dense_weight >= 0, "dense_weight", self.dense_weight, "a number >= 0")
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
+        require(self.resume in (None, "latest") or isinstance(self.resume, str), "resume", self.resume,
+                "null, 'latest' or a checkpoint folder")
+        self.mix.validate()
+        self.augment.validate()
+
+    @property
+    def mix(self) -> MixConfig:
+        return MixConfig(cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup_alpha=self.mixup_alpha,
+                         switch_prob=self.switch_prob, label_mode=self.label_mode)
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
+                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
+                             crop_ratio=tuple(self.crop_ratio))

@@ -1,0 +1,99 @@
+"""Training and validation loaders over shards: fixed-length resampled epochs, square crops in the workers.
+
+Epochs: the stream is cut into epochs of `steps` optimizer steps. Every process reads exactly
+`steps * grad_accum` batches per epoch, so all ranks run the same number of steps and none waits for another
+at the end. Epoch `e` reseeds the shard resampling and the crops with `(seed, e)`: a run resumed from a
+checkpoint at an epoch boundary sees the same batches as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from webdataset.utils import pytorch_worker_info
+
+from synth.reader import make_dataset
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class SquareCrop:
+    """Decoded sample -> `size` x `size` crop (random in training, fixed per sample key in validation).
+
+    An image smaller than `size` on a side is first resized (bilinear, mask nearest) so its shorter side is
+    `size`; larger images are cropped at full resolution, so thin defects keep their pixels. The labels are
+    recomputed from the cropped mask: a defect cropped away is absent.
+    """
+
+    def __init__(self, size: int, num_classes: int, seed: int | None):
+        self.size, self.num_classes, self.seed = size, num_classes, seed
+        self._rng: np.random.Generator | None = None
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is None:  # created inside the worker, so each reader has its own stream
+            rank, _, worker, _ = pytorch_worker_info()
+            self._rng = np.random.default_rng([self.seed, rank, worker])
+        return self._rng
+
+    def __call__(self, sample: dict) -> dict:
+        image, mask = sample["image"], sample["mask"]
+        h, w = mask.shape
+        if min(h, w) < self.size:
+            scale = self.size / min(h, w)
+            h, w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+            mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].long()
+        # validation: a crop fixed by the sample key (not the centre, which would never show an edge chip)
+        rng = self._generator() if self.seed is not None else np.random.default_rng(zlib.crc32(sample["key"].encode()))
+        y0, x0 = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+        image = image[:, y0:y0 + self.size, x0:x0 + self.size].contiguous()
+        mask = mask[y0:y0 + self.size, x0:x0 + self.size].contiguous()
+        present = torch.bincount(mask.flatten(), minlength=self.num_classes + 1)[1:] > 0
+        return {"image": image, "mask": mask, "labels": present.float(), "key": sample["key"]}
+
+
+def epoch_batches(steps: int, grad_accum: int) -> int:
+    """Batches each process consumes in an epoch of `steps` optimizer steps."""
+    return steps * grad_accum
+
+
+def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, batches: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None
+                 ) -> DataLoader:
+    """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
+
+    Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
+    per-reader share of `epoch_samples` never leaves a partial batch.
+    """
+    readers = max(1, num_workers)
+    per_reader = math.ceil(batches / readers)
+    s = epoch_seed(seed, epoch)
+    probe = make_dataset(shards, split, classes=classes)  # resolves classes (and fails early on a bad location)
+    dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
+                           shuffle=shuffle_buffer, seed=s, classes=probe.classes,
+                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s))
+    generator = torch.Generator().manual_seed(s)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
+                      collate_fn=collate, drop_last=False, persistent_workers=False,
+                      pin_memory=torch.cuda.is_available())
+
+
+def val_loader(shards: str, split: str, *, img_size: int, batch_size: int, num_workers: int,
+               classes: list[str] | None = None) -> DataLoader:
+    """Every sample of `split` once over all processes and workers, cropped to `img_size` (crop fixed by key)."""
+    dataset = make_dataset(shards, split, classes=classes)
+    dataset = make_dataset(shards, split, classes=dataset.classes,
+                           transform=SquareCrop(img_size, len(dataset.classes) - 1, seed=None))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+
+
+def collate(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]), "mask": torch.stack([s["mask"] for s in samples]),
+            "labels": torch.stack([s["labels"] for s in samples]), "key": [s["key"] for s in samples]}
