@@ -278,9 +278,9 @@ def train(cfg: PretrainConfig, shards: str, run_dir: str | Path, *, progress: bo
                         window[key] += losses[key]
                     window["n"] += 1
                 scheduler.step()
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=step)
                 step += 1
+                if ema is not None:  # step = optimizer steps done, as timm counts them (no decay on the first)
+                    ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), step=step)
                 state.step = step
                 window["steps"] += 1
                 window["time"] += time.perf_counter() - started

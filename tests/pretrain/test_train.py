@@ -148,3 +148,22 @@ def test_average_precision_matches_hand_computed_values():
     assert np.isnan(average_precision(np.array([0.3]), np.array([0])))
     result = multilabel_ap(np.array([[0.9, 0.2], [0.1, 0.3]]), np.array([[1, 0], [0, 0]]), ["crack", "pit"])
     assert result == {"mAP": 1.0, "ap": {"crack": 1.0, "pit": None}}
+
+
+def test_every_pretrain_config_loads():
+    for path in sorted((REPO / "configs/pretrain").glob("*.yaml")):
+        cfg = load_config(PretrainConfig, path)
+        assert cfg.cutmix_alpha == 0.7 or path.stem == "quickstart", path
+
+
+def test_ema_accumulation_and_layer_decay_save_the_ema_weights(shards, tmp_path):
+    cfg = config(max_steps=2, checkpoint_every=2, val_every=2, ema=True, ema_decay=0.5, grad_accum=2,
+                 layer_decay=0.75)
+    summary = train(cfg, str(shards), tmp_path, progress=False)
+    assert summary["step"] == 2
+    saved = weights(tmp_path / "model.safetensors")
+    live = weights(checkpoints(tmp_path)[-1] / "model.safetensors")  # the trained (non-EMA) network
+    ema_state = torch.load(checkpoints(tmp_path)[-1] / "custom_checkpoint_2.pkl", weights_only=True)
+    for key, value in saved.items():
+        assert torch.equal(value, ema_state[f"module.backbone.{key}"]), key
+    assert any(not torch.equal(value, live[f"backbone.{key}"]) for key, value in saved.items())
