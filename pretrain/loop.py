@@ -1,0 +1,264 @@
+"""The Accelerate training loop shared by pretrain and finetune: run folder, checkpoints, exact resume, logging.
+
+A stage supplies its model, optimizer, schedule, a loader factory and a micro-step; `fit` runs the steps.
+The config object needs these keys (both `PretrainConfig` and `FinetuneConfig` have them): `name`,
+`batch_size`, `grad_accum`, `max_steps`, `stop_after`, `lr`, `min_lr`, `warmup_steps`, `clip_grad`,
+`mixed_precision`, `log_every`, `val_every`, `checkpoint_every`, `keep_checkpoints`, `resume`, `study`, `seed`,
+`trace_samples`, `wandb`, `wandb_project`.
+
+Resume is exact: the data stream of epoch `e` (one `checkpoint_every` interval) is seeded by `(seed, e)`,
+a resumed run skips the batches its checkpoint already consumed in that epoch, and `load_state` restores
+model, optimizer, schedule, step and every process's RNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from synth.config import ConfigError, save_config, to_dict
+
+from .tracking import MetricsLog, wandb_init_kwargs
+
+log = logging.getLogger(__name__)
+CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+class TrainState:
+    """The loop's own counters, saved with every checkpoint."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.wandb_id = ""
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "wandb_id": self.wandb_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.wandb_id = int(state["step"]), str(state["wandb_id"])
+
+
+def resolve_mixed_precision(value: str) -> str:
+    """`auto`: fp32 on a CPU (bf16 autocast is emulated and slow there), bf16 or fp16 on a GPU."""
+    if value != "auto":
+        return value
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                       gradient_accumulation_steps=cfg.grad_accum, log_with="wandb" if cfg.wandb else None,
+                       project_dir=str(run_dir))
+
+
+def lr_factor(cfg: Any) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine to min_lr / lr at max_steps; argument = optimizer steps taken."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a `.tmp` folder is an interrupted save and never counts)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT_RE.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(cfg: Any, run_dir: Path) -> Path | None:
+    existing = checkpoints(run_dir)
+    if cfg.resume is None:
+        if existing:
+            raise ConfigError(f"{run_dir} already holds checkpoints ({existing[-1].name}): pass resume=latest to "
+                              "continue it, or choose a new --out")
+        return None
+    if cfg.resume == "latest":
+        if not existing:
+            log.info("resume=latest: no checkpoint in %s yet, starting from step 0", run_dir)
+        return existing[-1] if existing else None
+    path = Path(cfg.resume)
+    if not (path / "model.safetensors").is_file() and not any(path.glob("pytorch_model*")):
+        raise ConfigError(f"key 'resume': {path} is not a checkpoint folder (expected RUN/checkpoints/step-N)")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """`save_state` into step-N.tmp, renamed to step-N once every process has written its part."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def backward_and_step(accelerator: Accelerator, model, optimizer, losses: dict[str, torch.Tensor],
+                      clip_grad: float | None) -> dict[str, float]:
+    """Backward `losses["loss"]`; clip and step when Accelerate syncs, unless any process saw a non-finite loss.
+
+    Returns every loss averaged over the processes (so all of them agree on stopping).
+    """
+    accelerator.backward(losses["loss"])
+    if accelerator.sync_gradients and clip_grad is not None:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    names = list(losses)
+    values = accelerator.reduce(torch.stack([losses[n].detach().float() for n in names]), reduction="mean")
+    if torch.isfinite(values).all():  # never step on a non-finite loss: `fit` stops the run
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(zip(names, (float(v) for v in values.cpu()), strict=True))
+
+
+class Run:
+    """Accelerator, run folder, registered state, resume, trackers and `metrics.jsonl` of one training run."""
+
+    def __init__(self, cfg: Any, run_dir: str | Path, *, job_type: str):
+        self.cfg, self.run_dir, self.job_type = cfg, Path(run_dir), job_type
+        self.accelerator = make_accelerator(cfg, self.run_dir)
+        self.resume_from = resolve_resume(cfg, self.run_dir)
+        self.state = TrainState()
+        self.metrics: MetricsLog | None = None
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        set_seed(cfg.seed)  # identical initial weights on every process
+
+    def start(self, *objects: Any) -> None:
+        """Register `objects` (schedule, EMA, ...) for checkpointing, load the checkpoint, open the trackers."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.register_for_checkpointing(self.state, *objects)
+        if self.resume_from is not None:
+            try:
+                acc.load_state(str(self.resume_from))
+            except (RuntimeError, KeyError, ValueError) as err:
+                raise ConfigError(f"cannot resume from {self.resume_from}: it does not match this config "
+                                  f"({err})") from err
+            log.info("resumed from %s at step %d", self.resume_from, self.state.step)
+        else:
+            set_seed(cfg.seed + acc.process_index)  # augmentation and mixing differ per process
+        if acc.is_main_process and not self.state.wandb_id:
+            self.state.wandb_id = secrets.token_hex(4)  # kept in checkpoints: a resumed run continues the W&B run
+        if cfg.wandb:
+            acc.init_trackers(cfg.wandb_project, config=to_dict(cfg), init_kwargs={"wandb": wandb_init_kwargs(
+                self.run_dir, name=cfg.name, group=cfg.study, run_id=self.state.wandb_id, job_type=self.job_type)})
+        if acc.is_main_process:
+            self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                      resume_step=self.state.step if self.resume_from else None)
+
+    def record(self, values: dict, step: int) -> None:
+        if self.metrics is not None:
+            self.metrics.write({"step": step, **values})
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, int | float)}, step=step)
+
+    def log_images(self, images: dict, step: int) -> None:
+        """W&B images (main process, when W&B is on)."""
+        if self.accelerator.is_main_process and self.accelerator.trackers:
+            self.accelerator.get_tracker("wandb", unwrap=True).log(images, step=step)
+
+    def fit(self, model, optimizer, scheduler, *, make_loader: Callable[[int, int], Iterable[dict]],
+            micro_step: Callable[[dict, bool], dict[str, torch.Tensor]], validate: Callable[[int], dict] | None,
+            ema=None, progress: bool = True, desc: str = "train") -> int:
+        """Run optimizer steps from the resumed step to `stop_after` or `max_steps`; returns the last step.
+
+        `make_loader(epoch, batches)` yields at least `batches` batches (dicts with a "key" list) seeded by the
+        epoch; `micro_step(batch, first)` returns scalar losses with "loss" first, computed by the stage's
+        forward; `validate(step)` returns flat metrics to record.
+        """
+        acc, cfg, run_dir = self.accelerator, self.cfg, self.run_dir
+        end = cfg.stop_after or cfg.max_steps
+        step = self.state.step
+        trace = None
+        if cfg.trace_samples:
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            trace = (run_dir / "samples" / f"rank-{acc.process_index}.txt").open("a")
+        bar = tqdm(total=end, initial=step, desc=desc, disable=not (progress and acc.is_local_main_process))
+        window: dict[str, float] = {}
+        try:
+            while step < end:
+                epoch = step // cfg.checkpoint_every
+                epoch_end = min((epoch + 1) * cfg.checkpoint_every, cfg.max_steps)
+                batches = iter(make_loader(epoch, (epoch_end - epoch * cfg.checkpoint_every) * cfg.grad_accum))
+                for _ in range((step - epoch * cfg.checkpoint_every) * cfg.grad_accum):  # consumed before resume
+                    next(batches)
+                while step < min(epoch_end, end):
+                    started = time.perf_counter()
+                    for micro in range(cfg.grad_accum):
+                        batch = next(batches)
+                        if trace is not None:
+                            trace.write(f"{step + 1} " + " ".join(batch["key"]) + "\n")
+                        with acc.accumulate(model):
+                            losses = backward_and_step(acc, model, optimizer, micro_step(batch, step == micro == 0),
+                                                       cfg.clip_grad)
+                        if not all(math.isfinite(v) for v in losses.values()):
+                            detail = ", ".join(f"{k} {v}" for k, v in losses.items())
+                            raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({detail}); stopped without "
+                                                f"saving, last good checkpoint: {last_checkpoint(run_dir)}")
+                        for key, value in losses.items():
+                            window[key] = window.get(key, 0.0) + value / cfg.grad_accum
+                    scheduler.step()
+                    step += 1
+                    self.state.step = step
+                    if ema is not None:  # step = optimizer steps done, as timm counts them (no decay on the first)
+                        ema.update(acc.unwrap_model(model, keep_torch_compile=False), step=step)
+                    window["_steps"] = window.get("_steps", 0) + 1
+                    window["_time"] = window.get("_time", 0.0) + time.perf_counter() - started
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == end:
+                        n = window.pop("_steps")
+                        seconds = window.pop("_time")
+                        self.record({**{k: v / n for k, v in window.items()},
+                                     "lr": max(g["lr"] for g in optimizer.param_groups),
+                                     "images_per_s": n * cfg.batch_size * cfg.grad_accum * acc.num_processes / seconds,
+                                     "epoch": epoch}, step)
+                        bar.set_postfix(loss=f"{window['loss'] / n:.4f}")
+                        window = {}
+                    if validate is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
+                        self.record(validate(step), step)
+                    if step % cfg.checkpoint_every == 0 or step == end:
+                        save_checkpoint(acc, run_dir, step, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+        finally:
+            bar.close()
+            if trace is not None:
+                trace.close()
+        return step
+
+    def end(self) -> None:
+        self.accelerator.end_training()  # also ends the process group: no collective after this
