@@ -65,12 +65,12 @@ def epoch_batches(steps: int, grad_accum: int) -> int:
 
 
 def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, batches: int, world_size: int,
-                 num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None
-                 ) -> DataLoader:
+                 num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None,
+                 keys: list[str] | None = None) -> DataLoader:
     """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
 
     Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
-    per-reader share of `epoch_samples` never leaves a partial batch.
+    per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset.
     """
     readers = max(1, num_workers)
     per_reader = math.ceil(batches / readers)
@@ -78,7 +78,7 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     probe = make_dataset(shards, split, classes=classes)  # resolves classes (and fails early on a bad location)
     dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
                            shuffle=shuffle_buffer, seed=s, classes=probe.classes,
-                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s))
+                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s), keys=keys)
     generator = torch.Generator().manual_seed(s)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
                       collate_fn=collate, drop_last=False, persistent_workers=False,

@@ -24,7 +24,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def resolve_model_name(name: str) -> str:
     raise ValueError(f"unknown model {name!r}; closest names: {', '.join(close)}")
 
 
-def _probe(resolved: str) -> nn.Module | None:
+def probe_model(resolved: str) -> nn.Module | None:
     """Build the default architecture on the meta device (no memory, ~0.1 s) to inspect its class."""
     try:
         with torch.device("meta"):
@@ -118,7 +119,7 @@ def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | Non
     resolved = resolve_model_name(name)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    probe = _probe(resolved)
+    probe = probe_model(resolved)
     accepted = _init_params(probe) if probe is not None else set()
     kw: dict[str, Any] = dict(kwargs)
     if "dynamic_img_size" in accepted:
@@ -169,7 +170,7 @@ def create_backbone(name: str, *, num_classes: int, img_size: int | tuple[int, i
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def read_state_dict(path: Path) -> dict[str, Tensor]:
     with path.open("rb") as fh:
         head = fh.read(9)
     # safetensors starts with a little-endian u64 header length followed by the JSON header.
@@ -219,27 +220,49 @@ def _is_head_key(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def load_weights(model: nn.Module, path: str | Path, *, strict_shapes: bool = True, skip_head: bool = False) -> dict:
+def _resample_pos_embed(model: nn.Module, tensor: Tensor, target: Tensor) -> Tensor | None:
+    """A ViT position embedding trained at another image size, interpolated to the model's patch grid."""
+    pe = getattr(model, "patch_embed", None)
+    grid = getattr(pe, "grid_size", None)
+    if grid is None or tensor.ndim != 3 or target.ndim != 3 or tensor.shape[-1] != target.shape[-1]:
+        return None
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    if target.shape[1] != prefix + grid[0] * grid[1] or round((tensor.shape[1] - prefix) ** 0.5) ** 2 != \
+            tensor.shape[1] - prefix:
+        return None
+    return resample_abs_pos_embed(tensor, new_size=list(grid), num_prefix_tokens=prefix)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, strict_shapes: bool = True, skip_head: bool = False,
+                 key_map: Callable[[str], str] | None = None) -> dict:
     """Load a local safetensors / torch weights file into ``model``; returns what was loaded and what was not.
 
     ``skip_head=True`` leaves every classifier-head tensor at its initialisation (whatever its shape), so a
-    backbone trained on K classes loads into a K'-class model. With ``strict_shapes=False`` other tensors of
-    the wrong shape are skipped and listed under ``"mismatched"`` instead of raising.
+    backbone trained on K classes loads into a K'-class model. A ViT position embedding trained at another
+    image size is interpolated to the model's grid (listed under ``"resampled"``). With ``strict_shapes=False``
+    other tensors of the wrong shape are skipped and listed under ``"mismatched"`` instead of raising.
+    ``key_map`` renames each file key (after ``module.``/``_orig_mod.`` are stripped) to the model's naming.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    file_sd = {_strip(k): v for k, v in _read_state_dict(path).items()}
+    file_sd = {_strip(k): v for k, v in read_state_dict(path).items()}
+    if key_map is not None:
+        file_sd = {key_map(k): v for k, v in file_sd.items()}
     model_sd = model.state_dict()
     prefixes = head_prefixes(model)
     to_load: dict[str, Tensor] = {}
     report: dict[str, list[str]] = {"loaded": [], "missing": [], "unexpected": [], "skipped_head": [],
-                                    "mismatched": []}
+                                    "mismatched": [], "resampled": []}
     for key, tensor in file_sd.items():
         if key not in model_sd:
             report["unexpected"].append(key)
         elif skip_head and _is_head_key(key, prefixes):
             report["skipped_head"].append(key)
+        elif tensor.shape != model_sd[key].shape and key.endswith("pos_embed") and \
+                (resampled := _resample_pos_embed(model, tensor, model_sd[key])) is not None:
+            to_load[key] = resampled
+            report["resampled"].append(key)
         elif tensor.shape != model_sd[key].shape:
             if strict_shapes:
                 raise ValueError(f"shape mismatch for {key!r} in {path}: file {tuple(tensor.shape)}, model "

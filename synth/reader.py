@@ -25,7 +25,7 @@ import logging
 import random
 import subprocess
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,13 @@ def resolve_shards(location: str | Path | list[str], split: str | None = None) -
         return [str(Path(loc) / n) for n in names], info
     at = loc.rfind(INFO_NAME)
     return [loc[:at] + n + loc[at + len(INFO_NAME):] for n in names], info
+
+
+def list_keys(location: str | Path | list[str], split: str | None = None) -> list[str]:
+    """Every sample key of `split`, in shard order (reads the shards, without decoding)."""
+    urls, _ = resolve_shards(location, split)
+    samples = wds.tarfile_to_samples(handler=SkipCounter())(iter({"url": u} for u in urls))
+    return [sample["__key__"] for sample in samples]
 
 
 class SkipCounter:
@@ -152,8 +159,8 @@ class _CyclicSource(torch.utils.data.IterableDataset):
     an endless loop.
     """
 
-    def __init__(self, urls: list[str], handler: SkipCounter, seed: int):
-        self.urls, self.handler, self.seed = urls, handler, seed
+    def __init__(self, urls: list[str], handler: SkipCounter, seed: int, keys: frozenset[str] | None = None):
+        self.urls, self.handler, self.seed, self.keys = urls, handler, seed, keys
 
     def _sequence(self) -> Iterator[str]:
         for cycle in itertools.count():
@@ -164,20 +171,23 @@ class _CyclicSource(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = pytorch_worker_info()
         reader, readers = rank * num_workers + worker, world * num_workers
-        by_shard = len(self.urls) >= readers
+        # a key subset is dealt sample by sample, so that no reader waits forever on shards without one
+        by_shard = self.keys is None and len(self.urls) >= readers
         shards = itertools.islice(self._sequence(), reader, None, readers) if by_shard else self._sequence()
         position, barren = 0, 0
         for url in shards:
             found = 0
             for sample in wds.tarfile_to_samples(handler=self.handler)(iter([{"url": url}])):
+                if self.keys is not None and sample.get("__key__") not in self.keys:
+                    continue
                 found += 1
                 if by_shard or position % readers == reader:
                     yield sample
                 position += 1
             barren = 0 if found else barren + 1
             if barren >= len(self.urls):
-                raise ShardError(f"no readable sample in a whole pass over {len(self.urls)} shards "
-                                 f"(first: {self.urls[0]})")
+                raise ShardError(f"no readable{' selected' if self.keys is not None else ''} sample in a whole "
+                                 f"pass over {len(self.urls)} shards (first: {self.urls[0]})")
 
 
 def _take_share(total: int):
@@ -201,13 +211,14 @@ def _seeded_shuffle(bufsize: int, seed: int):
 
 def make_dataset(location: str | Path | list[str], split: str | None = None, *, resampled: bool = False,
                  epoch_samples: int | None = None, shuffle: int = 0, seed: int = 0,
-                 classes: list[str] | None = None, transform: Callable[[dict], dict] | None = None
-                 ) -> wds.DataPipeline:
+                 classes: list[str] | None = None, transform: Callable[[dict], dict] | None = None,
+                 keys: Collection[str] | None = None) -> wds.DataPipeline:
     """The WebDataset pipeline over `split` at `location`, decoding to tensors.
 
     `resampled=True` needs `epoch_samples`, the number of samples per epoch over all ranks. `shuffle` is a
     buffer size (0 = keep shard order). `transform` runs on each decoded sample (for example a crop) inside
-    the loader workers. The pipeline has `.classes` and `.info` (None without `_info.json`) attributes.
+    the loader workers. `keys` restricts the pipeline to those sample keys (a few-shot subset, see
+    `list_keys`). The pipeline has `.classes` and `.info` (None without `_info.json`) attributes.
     """
     urls, info = resolve_shards(location, split)
     if info is not None:
@@ -219,9 +230,12 @@ def make_dataset(location: str | Path | list[str], split: str | None = None, *, 
     if resampled:
         if not epoch_samples or epoch_samples < 1:
             raise ValueError("resampled=True needs epoch_samples >= 1 (samples per epoch over all ranks)")
-        stages.append(_CyclicSource(urls, counter, seed))
+        stages.append(_CyclicSource(urls, counter, seed, frozenset(keys) if keys is not None else None))
     else:
         stages.append(_EvalSource(urls, counter))
+        if keys is not None:
+            wanted = frozenset(keys)
+            stages.append(wds.select(lambda sample: sample.get("__key__") in wanted))
     if shuffle > 0:
         stages.append(_seeded_shuffle(shuffle, seed))
     num_classes = len(classes) - 1

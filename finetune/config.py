@@ -1,0 +1,110 @@
+"""`FinetuneConfig`: every key of `python -m finetune`, validated before any work starts (docs/finetune.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.augment import AugmentConfig
+from pretrain.config import MIXED_PRECISION
+from synth.config import require
+
+ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
+                 "PAN", "Linknet", "MAnet", "Segformer")
+LOSSES = ("ce", "ce_dice", "focal", "focal_dice")
+
+
+@dataclass
+class FinetuneConfig:
+    name: str = "finetune"
+    # model (finetune/models.py): a timm encoder inside a segmentation-models-pytorch architecture
+    model: str = "vit_tiny"  # timm name or alias (pretrain/models.py ALIASES)
+    architecture: str = "auto"  # DPT for ViTs/hybrids, UPerNet for Swin/ConvNeXt, FPN for HRNet, else DeepLabV3Plus
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    decoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra arguments of the smp architecture
+    output_stride: int = 16  # DeepLabV3(+) only: 8 or 16 (dilated later stages)
+    init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
+    freeze: int | None = None  # freeze the stem/patch embedding and the first `freeze` blocks or stages
+    # data
+    train_split: str = "train"
+    val_split: str | None = "val"  # the CrackForest import has train/test: use val_split=test
+    train_samples: int | None = None  # a deterministic subset of the training split (same seed, same subset)
+    crop_size: int = 512
+    val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
+    num_workers: int = 2
+    shuffle_buffer: int = 64
+    # augmentation (pretrain/augment.py), image and mask alike
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5
+    color_jitter: float = 0.5
+    resized_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
+    # loss
+    loss: str = "ce_dice"
+    dice_weight: float = 1.0
+    class_weights: list[float] | None = None  # cross-entropy weight per class, background first
+    # optimisation (pretrain/loop.py)
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 2000
+    stop_after: int | None = None
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    clip_grad: float | None = 1.0
+    mixed_precision: str = "auto"
+    # bookkeeping
+    log_every: int = 10
+    val_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    val_images: int = 4  # validation images shown as image / ground truth / prediction
+    resume: str | None = None
+    study: str | None = None
+    seed: int = 0
+    trace_samples: bool = False
+    wandb: bool = True
+    wandb_project: str = "defectforge"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "checkpoint_every",
+                    "keep_checkpoints"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        require(self.architecture in ARCHITECTURES, "architecture", self.architecture,
+                f"one of {', '.join(ARCHITECTURES)}")
+        require(self.output_stride in (8, 16), "output_stride", self.output_stride, "8 or 16")
+        require(self.freeze is None or self.freeze >= 0, "freeze", self.freeze,
+                "null or an integer >= 0 (0 = stem/patch embedding only)")
+        require(self.train_samples is None or self.train_samples >= 1, "train_samples", self.train_samples,
+                "null (all) or an integer >= 1")
+        require(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "an integer between 32 and 4096")
+        require(64 <= self.val_max_size <= 8192, "val_max_size", self.val_max_size, "an integer between 64 and 8192")
+        require(self.stop_after is None or 1 <= self.stop_after <= self.max_steps, "stop_after", self.stop_after,
+                f"null or a step in [1, max_steps={self.max_steps}]")
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
+        require(0 <= self.warmup_steps < self.max_steps, "warmup_steps", self.warmup_steps,
+                f"an integer in [0, max_steps={self.max_steps})")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "null or a number > 0")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+                f"one of {', '.join(MIXED_PRECISION)}")
+        require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
+        require(self.dice_weight >= 0, "dice_weight", self.dice_weight, "a number >= 0")
+        require(self.class_weights is None or all(w >= 0 for w in self.class_weights), "class_weights",
+                self.class_weights, "null or a list of numbers >= 0, background first")
+        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+        require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")
+        self.augment.validate()
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
+                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
+                             crop_ratio=tuple(self.crop_ratio))

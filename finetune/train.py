@@ -1,0 +1,205 @@
+"""Segmentation fine-tuning on the shared Accelerate loop (`pretrain/loop.py`).
+
+Per optimizer step: `grad_accum` random `crop_size` crops from the training shards (a deterministic
+`train_samples` subset when asked) -> kornia augmentation of image and mask alike -> normalisation ->
+cross-entropy (+ Dice or focal) -> AdamW on the unfrozen parameters. Validation runs on whole images
+(padded to the model's stride; images larger than `val_max_size` in tiles of that size).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
+from timm.optim import param_groups_weight_decay
+
+from pretrain.augment import augment_batch, build_augment
+from pretrain.data import train_loader
+from pretrain.loop import Run, last_checkpoint, lr_factor
+from pretrain.tracking import class_palette, mask_grid
+from synth.config import ConfigError
+from synth.reader import list_keys, make_dataset
+
+from .config import FinetuneConfig
+from .metrics import SegMetrics
+from .models import Segmenter, build_segmenter, freeze, load_init, save_segmenter
+
+log = logging.getLogger("finetune")
+PANEL_SIDE = 256
+
+
+def select_subset(keys: list[str], n: int | None, seed: int) -> list[str] | None:
+    """`n` keys of the split, the same for the same seed; a smaller `n` is a subset of a larger one."""
+    if n is None:
+        return None
+    if n > len(keys):
+        raise ConfigError(f"key 'train_samples': value {n} is invalid, expected at most the {len(keys)} samples of "
+                          "the training split")
+    order = np.random.default_rng([seed, 0x5EB5E7]).permutation(sorted(keys))
+    return sorted(order[:n].tolist())
+
+
+class SegLoss(torch.nn.Module):
+    """Cross-entropy (optionally class-weighted) or focal, plus Dice over the classes when asked."""
+
+    def __init__(self, cfg: FinetuneConfig, num_values: int):
+        super().__init__()
+        weight = None
+        if cfg.class_weights is not None:
+            if len(cfg.class_weights) != num_values:
+                raise ConfigError(f"key 'class_weights': {len(cfg.class_weights)} weights given, the shards have "
+                                  f"{num_values} classes (background first)")
+            weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+        self.register_buffer("weight", weight)
+        self.focal = FocalLoss(mode="multiclass") if cfg.loss.startswith("focal") else None
+        self.dice = DiceLoss(mode="multiclass", from_logits=True) if cfg.loss.endswith("dice") else None
+        self.dice_weight = cfg.dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = logits.float()
+        main = self.focal(logits, target) if self.focal is not None else F.cross_entropy(logits, target,
+                                                                                          weight=self.weight)
+        out = {"loss": main, "ce" if self.focal is None else "focal": main}
+        if self.dice is not None:
+            dice = self.dice(logits, target)
+            out["loss"] = main + self.dice_weight * dice
+            out["dice"] = dice
+        return out
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: torch.Tensor, max_size: int) -> torch.Tensor:
+    """Class probabilities (1, C, H, W) of one normalised image (1, 3, H, W), in tiles above `max_size`."""
+    h, w = image.shape[-2:]
+    if max(h, w) <= max_size:
+        return model(image).float().softmax(1)
+    out = None
+    for y in range(0, h, max_size):
+        for x in range(0, w, max_size):
+            probs = model(image[..., y:y + max_size, x:x + max_size]).float().softmax(1)
+            if out is None:
+                out = probs.new_zeros(1, probs.shape[1], h, w)
+            out[..., y:y + max_size, x:x + max_size] = probs
+    return out
+
+
+def _panel(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    size = (PANEL_SIDE, PANEL_SIDE)
+    return (F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0],
+            F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long(),
+            F.interpolate(pred[None, None].float(), size=size, mode="nearest")[0, 0].long())
+
+
+def validate(run: Run, model: torch.nn.Module, shards: str, cfg: FinetuneConfig, classes: list[str], normalize,
+             step: int) -> dict:
+    acc = run.accelerator
+    was_training = model.training
+    model.eval()
+    metrics = SegMetrics(classes, device=acc.device)
+    examples = []
+    for sample in make_dataset(shards, cfg.val_split, classes=classes):
+        image = sample["image"].to(acc.device)[None]
+        with acc.autocast():
+            probs = predict(model, normalize(image), cfg.val_max_size)
+        mask = sample["mask"].to(acc.device)
+        metrics.update(probs, mask[None])
+        if len(examples) < cfg.val_images:
+            examples.append((sample["key"], *_panel(sample["image"], sample["mask"], probs[0].argmax(0).cpu())))
+    model.train(was_training)
+    metrics.load(acc.reduce(metrics.state(), reduction="sum"))
+    result = metrics.compute()
+    if acc.is_main_process and examples:
+        _save_examples(run, examples, classes, step)
+    flat = {k: v for k, v in result.items() if k != "IoU"}
+    flat.update({f"IoU/{k}": v for k, v in result["IoU"].items() if v is not None})
+    return {f"val_{k}": v for k, v in flat.items()}
+
+
+def _save_examples(run: Run, examples: list, classes: list[str], step: int) -> None:
+    """RUN/val_examples.png (image / ground truth / prediction rows) and W&B mask panels."""
+    palette = class_palette(classes)
+    images = torch.stack([e[1] for e in examples])
+    grid = np.concatenate([mask_grid(images, torch.stack([e[2] for e in examples]), palette),
+                           mask_grid(images, torch.stack([e[3] for e in examples]), palette)[PANEL_SIDE:]], axis=0)
+    path = run.run_dir / "val_examples.png"
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    tmp.replace(path)
+    if run.accelerator.trackers:
+        import wandb
+
+        labels = dict(enumerate(classes))
+        panels = [wandb.Image((e[1].permute(1, 2, 0).numpy() * 255).astype(np.uint8), caption=e[0], masks={
+            "ground_truth": {"mask_data": e[2].numpy().astype(np.uint8), "class_labels": labels},
+            "prediction": {"mask_data": e[3].numpy().astype(np.uint8), "class_labels": labels}}) for e in examples]
+        run.log_images({"val_examples": panels}, step=step)
+
+
+def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run (or resume) fine-tuning; returns a summary {step, val, checkpoint, model, init}."""
+    run = Run(cfg, run_dir, job_type="finetune")
+    acc, run_dir = run.accelerator, run.run_dir
+    classes = make_dataset(shards, cfg.train_split).classes
+    if cfg.val_split:
+        make_dataset(shards, cfg.val_split)  # a missing split fails now, not at the first validation
+    subset = select_subset(list_keys(shards, cfg.train_split), cfg.train_samples, cfg.seed)
+    model, mcfg = build_segmenter(cfg, classes)
+    init_report = None
+    if cfg.init is not None:
+        init_report = load_init(model, cfg.init, mcfg["model"])
+        mcfg["init"] = str(cfg.init)
+    frozen = freeze(model, cfg.freeze, mcfg["model"]) if cfg.freeze is not None else []
+    if acc.is_main_process:
+        (run_dir / "run_info.json").write_text(json.dumps({
+            "init": str(cfg.init) if cfg.init else None,
+            "init_report": {k: (len(v), v[:20]) for k, v in init_report.items()} if init_report else None,
+            "frozen": len(frozen), "train_samples": len(subset) if subset is not None else None,
+            "subset": subset, "model": mcfg}, indent=2) + "\n")
+    mean = torch.tensor(mcfg["mean"], device=acc.device).view(1, -1, 1, 1)
+    std = torch.tensor(mcfg["std"], device=acc.device).view(1, -1, 1, 1)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return (x - mean) / std
+
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, weight_decay=cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    criterion = SegLoss(cfg, len(classes)).to(acc.device)
+    prepared, optimizer = acc.prepare(model, optimizer)
+    aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
+    last_val: dict | None = None
+
+    def make_loader(epoch: int, batches: int):
+        return train_loader(shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
+                            batches=batches, world_size=acc.num_processes, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=classes, keys=subset)
+
+    def micro_step(batch: dict, first: bool) -> dict:
+        images, masks = augment_batch(aug, batch["image"].to(acc.device), batch["mask"].to(acc.device))
+        return criterion(prepared(normalize(images)), masks)
+
+    def validate_now(step: int) -> dict:
+        nonlocal last_val
+        last_val = validate(run, acc.unwrap_model(prepared), shards, cfg, classes, normalize, step)
+        return last_val
+
+    try:
+        run.start(scheduler)
+        step = run.fit(prepared, optimizer, scheduler, make_loader=make_loader, micro_step=micro_step,
+                       validate=validate_now if cfg.val_split else None, progress=progress, desc="finetune")
+        if step == cfg.max_steps and acc.is_main_process:
+            save_segmenter(acc.unwrap_model(prepared), run_dir, mcfg)
+        acc.wait_for_everyone()
+    finally:
+        run.end()
+    return {"step": step, "val": last_val, "checkpoint": str(last_checkpoint(run_dir)),
+            "model": str(run_dir / "model.safetensors") if step == cfg.max_steps else None,
+            "init": init_report and {k: len(v) for k, v in init_report.items()}}
+
+
+__all__ = ["Segmenter", "SegLoss", "predict", "select_subset", "train", "validate"]
