@@ -19,7 +19,8 @@ demo: $(STAMP)
 	$(BIN)/python -m synth stats $(DEMO)/shards --json $(DEMO)/stats.json
 	$(BIN)/python -m synth preview $(DEMO)/shards --out $(DEMO)/preview.png
 	$(BIN)/python -m pretrain --config configs/pretrain/quickstart.yaml --shards $(DEMO)/shards --out $(DEMO)/pretrain resume=latest
-	@echo "demo: shards in $(DEMO)/shards, contact sheet in $(DEMO)/preview.png, ViT run in $(DEMO)/pretrain"
+	$(BIN)/python -m finetune --config configs/finetune/quickstart.yaml --shards $(DEMO)/shards --out $(DEMO)/finetune init=$(DEMO)/pretrain resume=latest
+	@echo "demo: shards in $(DEMO)/shards, contact sheet in $(DEMO)/preview.png, ViT runs in $(DEMO)/pretrain and $(DEMO)/finetune"
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

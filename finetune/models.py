@@ -102,6 +102,7 @@ def build_segmenter(cfg: FinetuneConfig, classes: list[str]) -> tuple[Segmenter,
             "encoder_kwargs": enc_kw, "decoder_kwargs": arch_kw, "num_classes": len(classes),
             "classes": list(classes), "crop_size": cfg.crop_size}
     model = _instantiate(mcfg)
+    _freeze_unused(model)
     data_cfg = resolve_data_config({}, model=model.encoder)
     mcfg["mean"], mcfg["std"] = [float(v) for v in data_cfg["mean"]], [float(v) for v in data_cfg["std"]]
     mcfg["stride"] = model.stride
@@ -131,6 +132,24 @@ def _instantiate(mcfg: dict) -> Segmenter:
         ratio = pe.feat_ratio()
         stride = 2 * (max(ratio) if isinstance(ratio, tuple | list) else int(ratio))
     return Segmenter(net, int(stride))
+
+
+def _freeze_unused(model: Segmenter) -> list[str]:
+    """Turn off gradients of parameters that never reach the output (a ViT's final norm and classifier when its
+    intermediate blocks feed the decoder): DDP would wait forever for their gradients."""
+    was_training = model.training
+    model.eval()  # no dropout: the probe consumes no random numbers
+    side = 2 * model.stride
+    model(torch.zeros(1, 3, side, side)).sum().backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    model.train(was_training)
+    if unused:
+        log.info("%d parameters do not reach the output and are not trained: %s", len(unused), unused[:6])
+    return unused
 
 
 def save_segmenter(model: Segmenter, run_dir: Path, mcfg: dict) -> None:

@@ -173,3 +173,25 @@ def test_a_short_crackforest_run_improves_iou_over_its_first_evaluation(tmp_path
     crack_iou = [r["val_IoU/crack"] for r in records if "val_IoU/crack" in r]
     assert len(crack_iou) == 2
     assert crack_iou[-1] > crack_iou[0] + 0.05, crack_iou  # measured: 0.06 -> 0.32 (2-core CPU)
+
+
+@pytest.mark.distributed
+def test_two_accelerate_processes_train_a_vit_with_frozen_blocks(shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "finetune",
+           "--config", str(REPO / "configs/finetune/quickstart.yaml"), "--shards", str(shards), "--out", str(run),
+           "--no-progress", "encoder_kwargs={embed_dim: 48, num_heads: 2}", "freeze=2", "max_steps=2",
+           "warmup_steps=1", "checkpoint_every=2", "val_every=2", "batch_size=2", "crop_size=64", "num_workers=0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_mIoU" in line]
+    assert val[-1]["val_pixels"] == 3 * 64 * 96  # the 3 validation images, split over the ranks, counted once
+    assert sorted(p.name for p in (run / "checkpoints/step-0000002").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert (run / "model.safetensors").is_file()
