@@ -1,0 +1,58 @@
+"""`EvalConfig`: every key of `python -m evaluate run`, validated before any work starts (docs/evaluate.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from synth.config import require
+
+from .tiling import BLENDS
+
+
+@dataclass
+class EvalConfig:
+    name: str = "evaluate"
+    # tiled inference
+    tile_size: int = 512
+    overlap: float = 0.1  # share of a tile shared with its neighbour
+    blend: str = "gaussian"  # gaussian | pyramid | average
+    tile_batch: int = 8
+    accumulate: str = "device"  # device | host: where the stitched logits live
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    whole_image: bool = False  # also time each model on the whole 4K image at once, for comparison
+    # data
+    split: str | None = None  # null: test, else val, else the last split of each shard folder
+    max_images: int | None = None  # per shard folder
+    # metrics
+    tolerance: int = 2  # px, for ODS/OIS (crack papers use 2)
+    thresholds: int = 20  # ODS/OIS thresholds (k + 0.5) / thresholds
+    seam_band: int = 4  # px on each side of an inner tile edge counted as "near a seam"
+    # cost
+    speed_size: list[int] = field(default_factory=lambda: [2160, 3840])  # the "4K image" that is timed
+    repeats: int = 3
+    warmup: int = 1
+    # report
+    overlays: int = 2  # images shown with every model's prediction (the largest of the evaluation set)
+    study: str | None = None
+    seed: int = 0
+    wandb: bool = True
+    wandb_project: str = "defectforge"
+
+    def validate(self) -> None:
+        require(isinstance(self.tile_size, int) and 32 <= self.tile_size <= 8192, "tile_size", self.tile_size,
+                "an integer between 32 and 8192")
+        require(0.0 <= self.overlap < 0.9, "overlap", self.overlap, "a fraction in [0, 0.9)")
+        require(self.blend in BLENDS, "blend", self.blend, f"one of {', '.join(BLENDS)}")
+        require(self.tile_batch >= 1, "tile_batch", self.tile_batch, "an integer >= 1")
+        require(self.accumulate in ("device", "host"), "accumulate", self.accumulate, "'device' or 'host'")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                self.device, "auto, cpu, cuda or cuda:N")
+        require(self.max_images is None or self.max_images >= 1, "max_images", self.max_images, "null or >= 1")
+        require(0 <= self.tolerance <= 32, "tolerance", self.tolerance, "an integer in [0, 32]")
+        require(2 <= self.thresholds <= 200, "thresholds", self.thresholds, "an integer in [2, 200]")
+        require(0 <= self.seam_band <= 64, "seam_band", self.seam_band, "an integer in [0, 64]")
+        require(len(self.speed_size) == 2 and all(64 <= s <= 16384 for s in self.speed_size), "speed_size",
+                self.speed_size, "[H, W], each between 64 and 16384")
+        require(self.repeats >= 1, "repeats", self.repeats, "an integer >= 1")
+        require(self.warmup >= 0, "warmup", self.warmup, "an integer >= 0")
+        require(self.overlays >= 0, "overlays", self.overlays, "an integer >= 0")

@@ -1,0 +1,114 @@
+"""Evaluation metrics over a dataset of full-size predictions.
+
+- per class: IoU, Dice/F1, precision, recall (argmax prediction; confusion matrix from `finetune.metrics`);
+- "defect vs background" with the defect probability `1 - p(background)`, at thresholds `k / thresholds`:
+  ODS (best F1 with one threshold for the dataset) and OIS (best threshold per image, averaged), with a pixel
+  tolerance as crack papers use (a predicted pixel within `tolerance` px of a true one counts as correct, and
+  a true pixel within `tolerance` px of a predicted one counts as found);
+- pixel AP (precision-recall area over pixels, from 100-bin histograms), image-level AP for "defect present"
+  (score: the image's highest defect probability);
+- error near tile seams against error elsewhere (pixels where the argmax disagrees with the truth).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune.metrics import SegMetrics
+from pretrain.metrics import average_precision
+
+
+def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius <= 0:
+        return mask
+    return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+
+
+class EvalMetrics:
+    def __init__(self, classes: list[str], *, tolerance: int = 2, thresholds: int = 20):
+        self.classes, self.tolerance, self.thresholds = list(classes), tolerance, thresholds
+        self.seg = SegMetrics(classes)
+        # per threshold: predicted px, predicted px near truth, true px, true px near prediction
+        self.ods = torch.zeros(4, thresholds, dtype=torch.float64)
+        self.ois: list[float] = []
+        self.image_scores: list[float] = []
+        self.image_labels: list[int] = []
+        self.seam = torch.zeros(4, dtype=torch.float64)  # errors in band, pixels in band, errors outside, outside
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor, seams: torch.Tensor | None = None) -> None:
+        """probs (1, C, H, W) on any device, target (H, W) class indices, seams (H, W) bool or None."""
+        probs, target = probs.float().cpu(), target.cpu().long()
+        self.seg.update(probs, target[None])
+        defect = 1 - probs[0, 0]
+        truth = target > 0
+        near_truth = _dilate(truth, self.tolerance)
+        counts = torch.zeros(4, self.thresholds, dtype=torch.float64)
+        for k in range(self.thresholds):
+            pred = defect >= (k + 0.5) / self.thresholds
+            counts[0, k] = pred.sum()
+            counts[1, k] = (pred & near_truth).sum()
+            counts[2, k] = truth.sum()
+            counts[3, k] = (truth & _dilate(pred, self.tolerance)).sum()
+        self.ods += counts
+        if truth.any():
+            self.ois.append(float(_f1(counts).max()))
+        self.image_scores.append(float(defect.max()))
+        self.image_labels.append(int(truth.any()))
+        if seams is not None:
+            wrong = probs[0].argmax(0) != target
+            seams = seams.cpu()
+            self.seam += torch.tensor([(wrong & seams).sum(), seams.sum(), (wrong & ~seams).sum(), (~seams).sum()],
+                                      dtype=torch.float64)
+
+    def compute(self) -> dict:
+        seg = self.seg.compute()
+        c = self.seg.confusion
+        tp, pred, true = c.diag(), c.sum(0), c.sum(1)
+        per_class = {}
+        for i, name in enumerate(self.classes):
+            precision = float(tp[i] / pred[i]) if pred[i] > 0 else None
+            recall = float(tp[i] / true[i]) if true[i] > 0 else None
+            dice = float(2 * tp[i] / (pred[i] + true[i])) if pred[i] + true[i] > 0 else None
+            per_class[name] = {"IoU": seg["IoU"][name], "Dice": dice, "precision": precision, "recall": recall}
+        f1 = _f1(self.ods)
+        best = int(f1.argmax())
+        neg, pos = self.seg.hist
+        seam_err = float(self.seam[0] / self.seam[1]) if self.seam[1] > 0 else None
+        other_err = float(self.seam[2] / self.seam[3]) if self.seam[3] > 0 else None
+        labels = np.array(self.image_labels)
+        return {
+            "mIoU": seg["mIoU"], "defect_mIoU": seg["defect_mIoU"], "pixel_accuracy": seg["pixel_accuracy"],
+            "per_class": per_class,
+            "ODS_F1": float(f1[best]) if self.ods[2, 0] > 0 else math.nan,
+            "ODS_threshold": (best + 0.5) / self.thresholds,
+            "OIS_F1": float(np.mean(self.ois)) if self.ois else math.nan,
+            "tolerance_px": self.tolerance,
+            "pixel_AP": _hist_ap(neg, pos),
+            # undefined unless some images have a defect and some have none
+            "image_AP": average_precision(np.array(self.image_scores), labels) if 0 < labels.sum() < labels.size
+            else math.nan,
+            "images": len(self.image_labels),
+            "seam_error": seam_err, "non_seam_error": other_err,
+            "seam_ratio": seam_err / other_err if seam_err is not None and other_err else None,
+        }
+
+
+def _f1(counts: torch.Tensor) -> torch.Tensor:
+    precision = counts[1] / counts[0].clamp_min(1)
+    recall = counts[3] / counts[2].clamp_min(1)
+    return 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+
+
+def _hist_ap(neg: torch.Tensor, pos: torch.Tensor) -> float:
+    """Average precision from per-bin counts of negative and positive pixels (thresholds at bin edges)."""
+    if pos.sum() == 0:
+        return math.nan
+    tp = pos.flip(0).cumsum(0)  # from the highest bin down
+    fp = neg.flip(0).cumsum(0)
+    precision = tp / (tp + fp).clamp_min(1)
+    recall_gain = pos.flip(0) / pos.sum()
+    return float((precision * recall_gain).sum())

@@ -1,0 +1,309 @@
+"""The report: `report.md` and a self-contained `report.html` (images embedded), plus the same to W&B.
+
+Every number comes from `results.json` of this evaluation; the "usual claims" are checked against them and
+marked supported, not supported, or not measured (with the reason), never assumed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pretrain.tracking import class_palette  # noqa: E402
+
+GB = 1024 ** 3
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+class Doc:
+    """Markdown and HTML written side by side from the same calls."""
+
+    def __init__(self, out: Path):
+        self.out, self.md, self.html = out, [], []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.md.append(f"{'#' * level} {text}\n")
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str) -> None:
+        self.md.append(text + "\n")
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self.md.append("| " + " | ".join(header) + " |")
+        self.md.append("|" + "---|" * len(header))
+        self.md.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
+        self.md.append("")
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        self.html.append(f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>")
+
+    def image(self, fig, name: str, caption: str) -> Path:
+        path = self.out / name
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        path.write_bytes(buf.getvalue())
+        self.md.append(f"![{caption}]({name})\n")
+        data = base64.b64encode(buf.getvalue()).decode()
+        self.html.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return path
+
+    def code(self, lines: list[str]) -> None:
+        self.md.append("```\n" + "\n".join(lines) + "\n```\n")
+        self.html.append("<pre>" + html.escape("\n".join(lines)) + "</pre>")
+
+    def write(self, title: str) -> Path:
+        (self.out / "report.md").write_text(f"# {title}\n\n" + "\n".join(self.md) + "\n")
+        style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}table{border-collapse:collapse;"
+                 "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+                 "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow-x:auto}")
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.html)}</body></html>")
+        path = self.out / "report.html"
+        path.write_text(page)
+        return path
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def _best(results: list[dict], family: str | tuple[str, ...], key) -> dict | None:
+    families = (family,) if isinstance(family, str) else family
+    pool = [r for r in results if r["family"] in families and key(r) is not None and not math.isnan(key(r))]
+    return max(pool, key=key) if pool else None
+
+
+def _miou(r: dict) -> float:
+    return r["metrics"]["mIoU"]
+
+
+def _speed(r: dict) -> float:
+    return r["cost"]["tiled"]["seconds_per_image"]
+
+
+def claims(results: list[dict]) -> list[list[str]]:
+    """The usual ViT-vs-CNN claims against this evaluation's numbers."""
+    rows = []
+    cnn = _best(results, "CNN", _miou)
+    vit = _best(results, ("ViT", "ViT-Hybrid"), _miou)
+    fastest_cnn = min((r for r in results if r["family"] == "CNN"), key=_speed, default=None)
+    fastest_vit = min((r for r in results if r["family"] in ("ViT", "ViT-Hybrid")), key=_speed, default=None)
+    if fastest_cnn and fastest_vit:
+        a, b = _speed(fastest_cnn), _speed(fastest_vit)
+        rows.append(["CNNs are faster on 4K images (claimed 0.3 vs 2.1 s)",
+                     "supported" if a < b else "not supported",
+                     f"fastest CNN {fastest_cnn['name']} {a:.2f} s, fastest ViT {fastest_vit['name']} {b:.2f} s"])
+        ma = fastest_cnn["cost"]["tiled"]["peak_memory_bytes"] / GB
+        mb = fastest_vit["cost"]["tiled"]["peak_memory_bytes"] / GB
+        rows.append(["CNNs need less memory at 4K (claimed 8 vs 24 GB)", "supported" if ma < mb else "not supported",
+                     f"{fastest_cnn['name']} {ma:.2f} GB, {fastest_vit['name']} {mb:.2f} GB (peak, tiled)"])
+    else:
+        rows.append(["CNNs are faster / lighter on 4K images", "not measured", "needs at least one CNN and one ViT"])
+    pre_vit = _best([r for r in results if r["pretrained"]], ("ViT", "ViT-Hybrid"), _miou)
+    if pre_vit and cnn:
+        rows.append(["Pretrained ViTs win on pixel accuracy", "supported" if _miou(pre_vit) > _miou(cnn) else
+                     "not supported", f"{pre_vit['name']} mIoU {_miou(pre_vit):.3f} vs best CNN {cnn['name']} "
+                     f"{_miou(cnn):.3f}"])
+    else:
+        rows.append(["Pretrained ViTs win on pixel accuracy", "not measured", "needs a pretrained ViT and a CNN"])
+    pairs = [(p, s) for p in results for s in results if p["pretrained"] and not s["pretrained"]
+             and p["model"] == s["model"] and p["train_samples"] == s["train_samples"]
+             and p["family"] in ("ViT", "ViT-Hybrid")]
+    if pairs:
+        p, s = max(pairs, key=lambda ps: _miou(ps[0]))
+        rows.append(["Synthetic pretraining (with CutMix) makes ViTs viable",
+                     "supported" if _miou(p) > _miou(s) else "not supported",
+                     f"{p['name']} mIoU {_miou(p):.3f} vs from scratch {s['name']} {_miou(s):.3f}"])
+    else:
+        rows.append(["Synthetic pretraining makes ViTs viable", "not measured",
+                     "needs the same ViT pretrained and from scratch"])
+    hybrid, plain = _best(results, "ViT-Hybrid", _miou), _best(results, "ViT", _miou)
+    if hybrid and plain:
+        rows.append(["ViT-Hybrid (conv stem) improves mIoU", "supported" if _miou(hybrid) > _miou(plain) else
+                     "not supported", f"{hybrid['name']} {_miou(hybrid):.3f} vs {plain['name']} {_miou(plain):.3f}"])
+    else:
+        rows.append(["ViT-Hybrid (conv stem) improves mIoU", "not measured", "needs a ViT-Hybrid and a plain ViT"])
+    sizes = sorted({r["train_samples"] for r in results if r["train_samples"] is not None})
+    if sizes:
+        small = [r for r in results if r["train_samples"] == sizes[0]]
+        c, v = _best(small, "CNN", _miou), _best(small, ("ViT", "ViT-Hybrid"), _miou)
+        if c and v:
+            rows.append([f"CNNs win with little data ({sizes[0]} training images)",
+                         "supported" if _miou(c) > _miou(v) else "not supported",
+                         f"{c['name']} {_miou(c):.3f} vs {v['name']} {_miou(v):.3f}"])
+    if not sizes or len(rows) < 6:
+        rows.append(["CNNs win with little data", "not measured" if not sizes else rows[-1][1],
+                     "no reduced training set in this evaluation" if not sizes else rows[-1][2]])
+    rows.append(["Attention maps localize defects better than Grad-CAM", "not measured",
+                 "interpretability maps are not implemented in this version"])
+    seams = [r for r in results if r["metrics"]["seam_ratio"] is not None]
+    if seams:
+        worst = max(seams, key=lambda r: r["metrics"]["seam_ratio"])
+        rows.append(["Tile overlap removes seam artifacts",
+                     "supported" if worst["metrics"]["seam_ratio"] <= 1.1 else "not supported",
+                     f"error near seams / elsewhere: worst {worst['name']} {worst['metrics']['seam_ratio']:.2f} "
+                     "(1.0 = no seam effect)"])
+    else:
+        rows.append(["Tile overlap removes seam artifacts", "not measured", "no image needed more than one tile"])
+    return rows
+
+
+def _overlay_figure(sample: dict, predictions: dict[str, dict], classes: list[str]):
+    palette = class_palette(classes).astype(np.float32) / 255
+    image = sample["image"].permute(1, 2, 0).numpy()
+    mask = sample["mask"].numpy()
+    h, w = mask.shape
+    # zoom on a thin defect (crack or scratch) when there is one, else any defect, else the centre
+    thin = [i for i, c in enumerate(classes) if c in ("crack", "scratch")]
+    ys, xs = np.nonzero(np.isin(mask, thin)) if thin else (np.array([]), np.array([]))
+    if ys.size == 0:
+        ys, xs = np.nonzero(mask)
+    cy, cx = (int(ys[ys.size // 2]), int(xs[xs.size // 2])) if ys.size else (h // 2, w // 2)
+    side = min(384, h, w)
+    y0, x0 = min(max(0, cy - side // 2), h - side), min(max(0, cx - side // 2), w - side)
+    columns = [("image", None), ("ground truth", mask)] + [(name, p[sample["key"]]) for name, p in predictions.items()
+                                                           if sample["key"] in p]
+    fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.4), squeeze=False)
+    for col, (title, labels) in enumerate(columns):
+        for row, (ys_, xs_) in enumerate(((slice(None), slice(None)), (slice(y0, y0 + side), slice(x0, x0 + side)))):
+            view = image[ys_, xs_]
+            if labels is not None:
+                lab = labels[ys_, xs_]
+                color = palette[np.clip(lab, 0, len(palette) - 1)]
+                view = np.where(lab[..., None] > 0, 0.35 * view + 0.65 * color, view)
+            axes[row, col].imshow(view)
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if row == 0:
+                axes[row, col].set_title(title, fontsize=9)
+        axes[0, col].add_patch(plt.Rectangle((x0, y0), side, side, fill=False, color="yellow", lw=1))
+    fig.suptitle(f"{sample['key']} ({w}x{h}); bottom: {side}x{side} zoom at full resolution", fontsize=10)
+    return fig
+
+
+def write_report(out: Path, payload: dict, overlays: list[dict], predictions: dict[str, dict]) -> Path:
+    results, cfg = payload["results"], payload["config"]
+    doc = Doc(out)
+    doc.para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; device "
+             f"{payload['device']}. Data: {payload['images']} images from {', '.join(payload['sources'])}; classes "
+             f"{', '.join(payload['classes'])}. Tiles {cfg['tile_size']} px, overlap {cfg['overlap']:.0%}, "
+             f"{cfg['blend']} blending. Speed: median of {cfg['repeats']} runs after {cfg['warmup']} warm-up on a "
+             f"{cfg['speed_size'][1]}x{cfg['speed_size'][0]} image.")
+    doc.heading("Results per model")
+    rows = []
+    for r in results:
+        m, c = r["metrics"], r["cost"]
+        rows.append([r["name"], r["family"], r["model"], "yes" if r["pretrained"] else "no",
+                     _fmt(r["train_samples"]), _fmt(m["mIoU"]), _fmt(m["defect_mIoU"]), _fmt(m["ODS_F1"]),
+                     _fmt(m["OIS_F1"]), _fmt(m["pixel_AP"]), _fmt(m["image_AP"]),
+                     _fmt(c["tiled"]["seconds_per_image"], 2), _fmt(c["tiled"]["tiles_per_s"], 1),
+                     _fmt(c["tiled"]["peak_memory_bytes"] / GB, 2), _fmt(c["parameters"] / 1e6, 1),
+                     _fmt(c["gflops_per_tile"], 1), _fmt(m["seam_ratio"], 2)])
+    doc.table(["run", "family", "timm model", "pretrained", "train images", "mIoU", "defect mIoU",
+               f"ODS F1 ({cfg['tolerance']} px)", "OIS F1", "pixel AP", "image AP", "s / 4K image", "tiles/s",
+               "peak memory (GB)", "params (M)", "GFLOPs / tile", "seam / other error"], rows)
+    doc.heading("Per class")
+    doc.table(["run", "class", "IoU", "Dice", "precision", "recall"],
+              [[r["name"], name, _fmt(v["IoU"]), _fmt(v["Dice"]), _fmt(v["precision"]), _fmt(v["recall"])]
+               for r in results for name, v in r["metrics"]["per_class"].items()])
+    doc.heading("The usual ViT-vs-CNN trade-off, measured")
+    cnn = _best(results, "CNN", _miou)
+    vit = _best(results, ("ViT", "ViT-Hybrid"), _miou)
+
+    def col(r: dict | None, fn) -> str:
+        return "n/a" if r is None else fn(r)
+
+    doc.table(["aspect", f"CNN ({cnn['name'] if cnn else 'none'})", f"ViT ({vit['name'] if vit else 'none'})"], [
+        ["4K inference speed (s / image)", col(cnn, lambda r: _fmt(_speed(r), 2)), col(vit, lambda r: _fmt(_speed(r),
+                                                                                                            2))],
+        ["memory footprint (peak GB, tiled 4K)", col(cnn, lambda r: _fmt(r["cost"]["tiled"]["peak_memory_bytes"] / GB,
+                                                                          2)),
+         col(vit, lambda r: _fmt(r["cost"]["tiled"]["peak_memory_bytes"] / GB, 2))],
+        ["pixel accuracy (mIoU)", col(cnn, lambda r: _fmt(_miou(r))), col(vit, lambda r: _fmt(_miou(r)))],
+        ["data efficiency (training images)", col(cnn, lambda r: _fmt(r["train_samples"] or "all")),
+         col(vit, lambda r: _fmt(r["train_samples"] or "all"))],
+        ["interpretability", "not measured", "not measured"],
+    ])
+    doc.heading("Claims checked on this data")
+    doc.table(["claim", "verdict", "evidence"], claims(results))
+    doc.heading("Accuracy against speed")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"CNN": "tab:blue", "ViT": "tab:red", "ViT-Hybrid": "tab:orange", "Swin": "tab:purple"}
+    for r in results:
+        ax.scatter(_speed(r), _miou(r), color=colors.get(r["family"], "gray"), s=40)
+        ax.annotate(r["name"], (_speed(r), _miou(r)), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(f"seconds per {cfg['speed_size'][1]}x{cfg['speed_size'][0]} image (tiled, median)")
+    ax.set_ylabel("mIoU")
+    ax.grid(alpha=0.3)
+    for family, color in colors.items():
+        ax.scatter([], [], color=color, label=family)
+    ax.legend(fontsize=8)
+    doc.image(fig, "accuracy_vs_speed.png", "mIoU against seconds per 4K image, one point per model")
+    if overlays:
+        doc.heading("Predictions on the largest images")
+        for i, sample in enumerate(overlays):
+            doc.image(_overlay_figure(sample, predictions, payload["classes"]), f"overlay_{i}.png",
+                      f"{sample['key']}: full view (top) and a full-resolution zoom (bottom)")
+    doc.heading("How this report was made")
+    doc.code(payload.get("commands") or ["python -m evaluate run ..."])
+    path = doc.write("defectforge: ViT or CNN on this data")
+    _to_wandb(out, payload, doc)
+    return path
+
+
+def _to_wandb(out: Path, payload: dict, doc: Doc) -> None:
+    cfg = payload["config"]
+    if not cfg.get("wandb"):
+        return
+    import wandb
+
+    from pretrain.tracking import wandb_init_kwargs
+
+    kwargs = wandb_init_kwargs(out, name=cfg.get("name", "evaluate"), group=cfg.get("study"),
+                               run_id=wandb.util.generate_id() if hasattr(wandb.util, "generate_id")
+                               else os.urandom(4).hex(), job_type="evaluate")
+    run = wandb.init(project=cfg.get("wandb_project", "defectforge"), config=cfg, **kwargs)
+    try:
+        columns = ["run", "family", "model", "pretrained", "train_samples", "mIoU", "defect_mIoU", "ODS_F1",
+                   "seconds_per_4k", "peak_memory_gb", "params_m"]
+        table = wandb.Table(columns=columns)
+        for r in payload["results"]:
+            table.add_data(r["name"], r["family"], r["model"], r["pretrained"], r["train_samples"], r["metrics"]["mIoU"],
+                           r["metrics"]["defect_mIoU"], r["metrics"]["ODS_F1"], _speed(r),
+                           r["cost"]["tiled"]["peak_memory_bytes"] / GB, r["cost"]["parameters"] / 1e6)
+        images = {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
+        run.log({"results": table, **images})
+    finally:
+        run.finish()
