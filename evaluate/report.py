@@ -117,7 +117,6 @@ def claims(results: list[dict]) -> list[list[str]]:
     """The usual ViT-vs-CNN claims against this evaluation's numbers."""
     rows = []
     cnn = _best(results, "CNN", _miou)
-    vit = _best(results, ("ViT", "ViT-Hybrid"), _miou)
     fastest_cnn = min((r for r in results if r["family"] == "CNN"), key=_speed, default=None)
     fastest_vit = min((r for r in results if r["family"] in ("ViT", "ViT-Hybrid")), key=_speed, default=None)
     if fastest_cnn and fastest_vit:
@@ -292,16 +291,15 @@ def _to_wandb(out: Path, payload: dict, doc: Doc) -> None:
     from pretrain.tracking import wandb_init_kwargs
 
     kwargs = wandb_init_kwargs(out, name=cfg.get("name", "evaluate"), group=cfg.get("study"),
-                               run_id=wandb.util.generate_id() if hasattr(wandb.util, "generate_id")
-                               else os.urandom(4).hex(), job_type="evaluate")
+                               run_id=os.urandom(4).hex(), job_type="evaluate")
     run = wandb.init(project=cfg.get("wandb_project", "defectforge"), config=cfg, **kwargs)
     try:
         columns = ["run", "family", "model", "pretrained", "train_samples", "mIoU", "defect_mIoU", "ODS_F1",
                    "seconds_per_4k", "peak_memory_gb", "params_m"]
         table = wandb.Table(columns=columns)
         for r in payload["results"]:
-            table.add_data(r["name"], r["family"], r["model"], r["pretrained"], r["train_samples"], r["metrics"]["mIoU"],
-                           r["metrics"]["defect_mIoU"], r["metrics"]["ODS_F1"], _speed(r),
+            table.add_data(r["name"], r["family"], r["model"], r["pretrained"], r["train_samples"],
+                           r["metrics"]["mIoU"], r["metrics"]["defect_mIoU"], r["metrics"]["ODS_F1"], _speed(r),
                            r["cost"]["tiled"]["peak_memory_bytes"] / GB, r["cost"]["parameters"] / 1e6)
         images = {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
         run.log({"results": table, **images})
