@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-DEMO := runs/demo
+DEMO := runs/study/quickstart
 
 .PHONY: install demo test lint bench clean-demo
 
@@ -15,12 +15,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m synth generate --config configs/synth/quickstart.yaml --out $(DEMO)/shards
-	$(BIN)/python -m synth stats $(DEMO)/shards --json $(DEMO)/stats.json
-	$(BIN)/python -m synth preview $(DEMO)/shards --out $(DEMO)/preview.png
-	$(BIN)/python -m pretrain --config configs/pretrain/quickstart.yaml --shards $(DEMO)/shards --out $(DEMO)/pretrain resume=latest
-	$(BIN)/python -m finetune --config configs/finetune/quickstart.yaml --shards $(DEMO)/shards --out $(DEMO)/finetune init=$(DEMO)/pretrain resume=latest
-	@echo "demo: shards in $(DEMO)/shards, contact sheet in $(DEMO)/preview.png, ViT runs in $(DEMO)/pretrain and $(DEMO)/finetune"
+	$(BIN)/python -m evaluate study configs/study/quickstart.yaml --out $(DEMO)
+	$(BIN)/python -m synth preview $(DEMO)/data/target --out $(DEMO)/target_preview.png
+	@echo "demo: report in $(DEMO)/report/report.html (and report.md), runs in $(DEMO)/pretrain and $(DEMO)/finetune"
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q

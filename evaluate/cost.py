@@ -67,33 +67,52 @@ def _peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+class InferenceTimer:
+    """Wall time and peak memory of each measured inference (`with timer.measure(): ...`)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.peak, self.increase = device, [], 0, 0
+
+    @contextlib.contextmanager
+    def measure(self):
+        base = _reset_peak(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter() - start)
+        peak = _peak(self.device)
+        self.peak, self.increase = max(self.peak, peak), max(self.increase, peak - base)
+
+    def summary(self, tiles: int, image_size: tuple[int, int] | list[int]) -> dict:
+        median = statistics.median(self.times)
+        return {"seconds_per_image": median, "seconds_all": self.times, "tiles": tiles, "tiles_per_s": tiles / median,
+                "peak_memory_bytes": int(self.peak), "memory_increase_bytes": int(max(0, self.increase)),
+                "memory_kind": "cuda_peak_allocated" if self.device.type == "cuda" else "peak_rss",
+                "image_size": [int(v) for v in image_size]}
+
+
 def time_inference(model: torch.nn.Module, image: torch.Tensor, *, tile: int, overlap: float, blend: str, batch: int,
-                   repeats: int, warmup: int, accumulate: str | None = None, whole: bool = False) -> dict:
-    """Median seconds per image (after `warmup` untimed runs), tiles/s, and peak memory of the timed runs."""
-    device = image.device
+                   repeats: int, warmup: int, accumulate: str | None = None, whole: bool = False,
+                   timer: InferenceTimer | None = None) -> dict:
+    """Median seconds per image (after `warmup` untimed runs), tiles/s, and peak memory of the timed runs.
+
+    A `timer` that already holds measurements of the same image size (taken during the accuracy pass) is
+    completed to `repeats` measurements.
+    """
+    timer = timer or InferenceTimer(image.device)
 
     def once() -> None:
         if whole:
             model(image)
         else:
             tiled_logits(model, image, tile=tile, overlap=overlap, blend=blend, batch=batch, accumulate=accumulate)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     with torch.no_grad():
         for _ in range(warmup):
             once()
-        base = _reset_peak(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - start)
-        peak = _peak(device)
+        while len(timer.times) < repeats:
+            with timer.measure():
+                once()
     h, w = image.shape[-2:]
-    n_tiles = 1 if whole else len(tile_grid(h, w, tile, overlap))
-    median = statistics.median(times)
-    return {"seconds_per_image": median, "seconds_all": times, "tiles": n_tiles, "tiles_per_s": n_tiles / median,
-            "peak_memory_bytes": int(peak), "memory_increase_bytes": int(max(0, peak - base)),
-            "memory_kind": "cuda_peak_allocated" if device.type == "cuda" else "peak_rss",
-            "image_size": [int(h), int(w)]}
+    return timer.summary(1 if whole else len(tile_grid(h, w, tile, overlap)), (h, w))

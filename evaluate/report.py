@@ -218,8 +218,8 @@ def write_report(out: Path, payload: dict, overlays: list[dict], predictions: di
     doc.para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; device "
              f"{payload['device']}. Data: {payload['images']} images from {', '.join(payload['sources'])}; classes "
              f"{', '.join(payload['classes'])}. Tiles {cfg['tile_size']} px, overlap {cfg['overlap']:.0%}, "
-             f"{cfg['blend']} blending. Speed: median of {cfg['repeats']} runs after {cfg['warmup']} warm-up on a "
-             f"{cfg['speed_size'][1]}x{cfg['speed_size'][0]} image.")
+             f"{cfg['blend']} blending. Speed: median of {cfg['repeats']} timed runs on "
+             f"{cfg['speed_size'][1]}x{cfg['speed_size'][0]} images ({results[0]['cost']['tiled']['source']}).")
     doc.heading("Results per model")
     rows = []
     for r in results:

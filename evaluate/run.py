@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ from finetune.models import load_segmenter
 from synth.reader import load_info, make_dataset
 
 from .config import EvalConfig
-from .cost import gflops, parameters, time_inference
+from .cost import InferenceTimer, gflops, parameters, time_inference
 from .metrics import EvalMetrics
 from .tiling import seam_mask, tile_grid, tiled_logits
 
@@ -115,11 +116,15 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     accumulate = "cpu" if cfg.accumulate == "host" else device
     metrics = EvalMetrics(classes, tolerance=cfg.tolerance, thresholds=cfg.thresholds)
     predictions: dict[str, np.ndarray] = {}
-    for sample in tqdm(images, desc=run_dir.name, disable=not progress):
+    timer = InferenceTimer(device)  # evaluation images of `speed_size` are timed as they are predicted
+    for index, sample in enumerate(tqdm(images, desc=run_dir.name, disable=not progress)):
         x = _prepare(sample["image"], mean, std, device)
         h, w = x.shape[-2:]
-        logits = tiled_logits(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
-                              batch=cfg.tile_batch, accumulate=accumulate)
+        # only after at least `warmup` (and one) images: the first inferences include one-off setup costs
+        timed = [h, w] == list(cfg.speed_size) and len(timer.times) < cfg.repeats and index >= max(1, cfg.warmup)
+        with timer.measure() if timed else contextlib.nullcontext():
+            logits = tiled_logits(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
+                                  batch=cfg.tile_batch, accumulate=accumulate)
         probs = logits.softmax(1)
         seams = seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band) \
             if len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1 else None
@@ -129,9 +134,13 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     result = {**describe(run_dir, mcfg), "metrics": metrics.compute()}
     image, source = speed_image(images, cfg.speed_size, cfg.seed)
     x = _prepare(image, mean, std, device)
+    measured = len(timer.times)
     timing = time_inference(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
-                            batch=cfg.tile_batch, repeats=cfg.repeats, warmup=cfg.warmup, accumulate=accumulate)
-    timing["source"] = source
+                            batch=cfg.tile_batch, repeats=cfg.repeats, warmup=0 if measured else cfg.warmup,
+                            accumulate=accumulate, timer=timer)
+    timing["source"] = source if not measured else f"{measured} evaluation image(s) of this size, timed during " \
+        f"the accuracy pass (after at least {max(1, cfg.warmup)} other image(s) as warm-up)" + \
+        (f", plus {len(timer.times) - measured} extra run(s)" if len(timer.times) > measured else "")
     result["cost"] = {"parameters": parameters(model), "gflops_per_tile": gflops(model, cfg.tile_size, device),
                       "tiled": timing}
     if cfg.whole_image:

@@ -1,0 +1,177 @@
+"""Evaluation: tiled inference, blend weights, metrics against hand-computed values, the study and its report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from evaluate.__main__ import main
+from evaluate.metrics import EvalMetrics
+from evaluate.run import _prepare
+from evaluate.study import load_study, run_study
+from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
+from synth.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pointwise_fcn() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("blend", ["gaussian", "pyramid", "average"])
+def test_tiled_inference_of_a_fully_convolutional_model_equals_whole_image_inference(blend):
+    model, image = pointwise_fcn(), torch.rand(1, 3, 700, 1000)
+    tiled = tiled_logits(model, image, tile=256, overlap=0.1, blend=blend, batch=3)
+    with torch.no_grad():
+        whole = model(image)
+    assert tiled.shape == whole.shape
+    assert torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_tiles_cover_the_image_without_leaving_it_and_weights_normalise_at_borders_and_corners():
+    tiles = tile_grid(700, 1000, 256, 0.1)
+    covered = torch.zeros(700, 1000, dtype=torch.int32)
+    for y, x, h, w in tiles:
+        assert 0 <= y and y + h <= 700 and 0 <= x and x + w <= 1000 and (h, w) == (256, 256)
+        covered[y:y + h, x:x + w] += 1
+    assert covered.min() >= 1 and covered[0, 0] == 1 and covered[-1, -1] == 1
+    starts = sorted({x for _, x, _, _ in tiles})
+    assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) <= int(256 * 0.9)  # at least 10% overlap
+    window = blend_window(256, 256, "gaussian")
+    assert window.min() > 0 and window[128, 128] == pytest.approx(1.0, abs=1e-3)
+
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 2, *x.shape[-2:]), 3.5)
+
+    out = tiled_logits(Constant(), torch.rand(1, 3, 700, 1000), tile=256, overlap=0.1, blend="gaussian")
+    assert torch.allclose(out, torch.full_like(out, 3.5), atol=1e-5)  # weights sum to one everywhere
+
+
+def test_a_tile_larger_than_the_image_and_a_grayscale_image_work():
+    model = pointwise_fcn()
+    assert tile_grid(100, 300, 512, 0.1) == [(0, 0, 100, 300)]
+    gray = torch.rand(1, 90, 130)
+    x = _prepare(gray, torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), torch.device("cpu"))
+    assert x.shape == (1, 3, 90, 130)
+    assert tiled_logits(model, x, tile=512).shape == (1, 4, 90, 130)
+
+
+def test_seam_mask_marks_inner_tile_edges_only():
+    mask = seam_mask(100, 300, 128, 0.0, band=2)
+    assert not mask[:, :100].any()  # the first inner edge is at x=128 (band 126-129); one tile row, no y edge
+    assert mask[:, 126:130].all() and not mask[:, 0].any() and not mask[:, -1].any()
+
+
+def test_metrics_match_hand_computed_values_with_and_without_tolerance():
+    truth = torch.zeros(8, 8, dtype=torch.long)
+    truth[4, 1:7] = 1  # a one-pixel-wide "crack"
+    shifted = torch.zeros(1, 2, 8, 8)
+    shifted[0, 0] = 1.0
+    shifted[0, 0, 5, 1:7], shifted[0, 1, 5, 1:7] = 0.0, 1.0  # predicted one row below
+    strict = EvalMetrics(["background", "crack"], tolerance=0, thresholds=4)
+    strict.update(shifted, truth)
+    loose = EvalMetrics(["background", "crack"], tolerance=1, thresholds=4)
+    loose.update(shifted, truth)
+    s, t = strict.compute(), loose.compute()
+    assert s["ODS_F1"] == pytest.approx(0.0) and t["ODS_F1"] == pytest.approx(1.0)
+    assert t["OIS_F1"] == pytest.approx(1.0)
+    # argmax: 6 crack px predicted, none right: crack IoU 0; background: 52 tp, 6 fp, 6 fn
+    assert s["per_class"]["crack"]["IoU"] == pytest.approx(0.0)
+    assert s["per_class"]["background"]["IoU"] == pytest.approx(52 / 64)
+    assert s["per_class"]["background"]["precision"] == pytest.approx(52 / 58)
+    assert s["image_AP"] != s["image_AP"]  # NaN: every image has a defect, AP undefined
+
+
+def tiny_study(tmp_path: Path) -> Path:
+    study = {
+        "name": "tiny",
+        "pretrain_data": {"config": "configs/synth/default.yaml",
+                          "overrides": {"num_samples": 16, "image_size": 64, "shard_size": 8, "val_ratio": 0.25,
+                                        "workers": 1}},
+        "target": {"synth": {"config": "configs/synth/default.yaml",
+                             "overrides": {"num_samples": 12, "image_size": 64, "shard_size": 6, "val_ratio": 0.25,
+                                           "seed": 1, "workers": 1, "surfaces": {"concrete": 1.0}}}},
+        "test_4k": {"config": "configs/synth/4k.yaml",
+                    "overrides": {"num_samples": 2, "image_size": [160, 288], "workers": 1}},
+        "pretrain": [{"name": "vit", "config": "configs/pretrain/quickstart.yaml",
+                      "overrides": {"model_kwargs": {"embed_dim": 48, "num_heads": 2}, "img_size": 64,
+                                    "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                                    "val_every": 2, "num_workers": 0, "wandb": False}}],
+        "finetune": [
+            {"name": "vit-pre", "config": "configs/finetune/quickstart.yaml", "init": "vit",
+             "overrides": {"encoder_kwargs": {"embed_dim": 48, "num_heads": 2}}},
+            {"name": "vit-scratch", "config": "configs/finetune/quickstart.yaml", "init": None,
+             "overrides": {"encoder_kwargs": {"embed_dim": 48, "num_heads": 2}}},
+            {"name": "cnn", "config": "configs/finetune/quickstart.yaml", "init": None,
+             "overrides": {"model": "resnet18", "architecture": "Unet"}},
+        ],
+        "train_samples": [None],
+        "seeds": [0],
+        "evaluate": {"config": "configs/evaluate/default.yaml",
+                     "overrides": {"tile_size": 128, "speed_size": [160, 288], "repeats": 1, "warmup": 0,
+                                   "wandb": False}},
+    }
+    fast = {"crop_size": 64, "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+            "val_every": 2, "num_workers": 0, "wandb": False}
+    for step in study["finetune"]:
+        step["overrides"].update(fast)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(REPO)
+    config = tiny_study(tmp_path)
+    report = run_study(config, tmp_path / "study")
+    md = (tmp_path / "study/report/report.md").read_text()
+    for section in ("## Results per model", "## Per class", "## The usual ViT-vs-CNN trade-off, measured",
+                    "## Claims checked on this data", "## Accuracy against speed",
+                    "## Predictions on the largest images", "## How this report was made"):
+        assert section in md, section
+    assert "vit-pre-nall-s0" in md and "cnn-nall-s0" in md
+    assert "Synthetic pretraining (with CutMix) makes ViTs viable" in md
+    html = report.read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
+    results = json.loads((tmp_path / "study/report/results.json").read_text())
+    assert {r["family"] for r in results["results"]} == {"ViT", "CNN"}
+    assert results["results"][0]["cost"]["tiled"]["image_size"] == [160, 288]
+    assert results["images"] == 3 + 2  # target val split and the two large scenes
+
+    from evaluate.config import EvalConfig
+    from evaluate.run import evaluate
+    from synth.config import load_config
+    from tests.synth.helpers import make_shards
+
+    other = tmp_path / "two-classes"
+    make_shards(other, num_samples=4, defects={"crack": 1.0}, val_ratio=0.5)
+    with pytest.raises(ValueError, match="trained on classes .* but the evaluation shards have"):
+        evaluate(load_config(EvalConfig, None, {"wandb": False}), [str(tmp_path / "study/finetune/cnn-nall-s0")],
+                 [str(other)], tmp_path / "r2", progress=False)
+
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="evaluate.study"):
+        run_study(config, tmp_path / "study")  # everything complete: every stage is skipped
+    assert caplog.text.count("complete, skipped") == 4 and "report is newer" in caplog.text
+
+
+def test_study_and_run_errors_name_the_problem(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(REPO)
+    config = tiny_study(tmp_path)
+    with pytest.raises(ConfigError, match="finetune\\[0\\] \\(vit-pre\\).*unknown key 'crop_sise'"):
+        load_study(config, ["finetune=[{name: vit-pre, config: configs/finetune/quickstart.yaml, init: vit, "
+                            "overrides: {crop_sise: 3}}]"])
+    with pytest.raises(ConfigError, match="init 'nope' is not a pretrain run"):
+        load_study(config, ["finetune=[{name: x, config: configs/finetune/quickstart.yaml, init: nope}]"])
+    with pytest.raises(ConfigError, match="unknown key 'pretrian'"):
+        load_study(config, ["pretrian=[]"])
+    args = ["run", "--config", "configs/evaluate/default.yaml", "--models", str(tmp_path / "missing"), "--shards",
+            str(tmp_path), "--out", str(tmp_path / "r")]
+    assert main(args) == 2 and "is not a finetune run" in caplog.text
+    assert main([*args, "blend=linear"]) == 2 and "blend" in caplog.text
