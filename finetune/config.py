@@ -45,7 +45,7 @@ class FinetuneConfig:
     # loss
     loss: str = "ce_dice"
     dice_weight: float = 1.0
-    class_weights: list[float] | None = None  # cross-entropy weight per class, background first
+    class_weights: Any = None  # null | auto (from training-pixel frequencies) | [w_background, w_1, ...]
     # optimisation (pretrain/loop.py)
     batch_size: int = 8
     grad_accum: int = 1
@@ -96,8 +96,9 @@ class FinetuneConfig:
                 f"one of {', '.join(MIXED_PRECISION)}")
         require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
         require(self.dice_weight >= 0, "dice_weight", self.dice_weight, "a number >= 0")
-        require(self.class_weights is None or all(w >= 0 for w in self.class_weights), "class_weights",
-                self.class_weights, "null or a list of numbers >= 0, background first")
+        require(self.class_weights in (None, "auto") or (isinstance(self.class_weights, list) and all(
+            isinstance(w, int | float) and w >= 0 for w in self.class_weights)), "class_weights", self.class_weights,
+            "null, 'auto' or a list of numbers >= 0, background first")
         require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")

@@ -45,13 +45,33 @@ def select_subset(keys: list[str], n: int | None, seed: int) -> list[str] | None
     return sorted(order[:n].tolist())
 
 
+def auto_class_weights(shards: str, split: str, classes: list[str], keys: list[str] | None,
+                       max_samples: int = 500) -> list[float]:
+    """Cross-entropy weights from the training split's pixel frequencies: sqrt(f_background / f_class), in [1, 20].
+
+    Only training data is read (the subset when there is one, at most `max_samples` images); a class without
+    a pixel keeps weight 1.
+    """
+    counts = torch.zeros(len(classes), dtype=torch.float64)
+    for i, sample in enumerate(make_dataset(shards, split, classes=classes, keys=keys)):
+        if i >= max_samples:
+            break
+        counts += torch.bincount(sample["mask"].flatten(), minlength=len(classes)).double()
+    weights = [1.0]
+    for c in range(1, len(classes)):
+        weights.append(float((counts[0] / counts[c]).sqrt().clamp(1.0, 20.0)) if counts[c] > 0 else 1.0)
+    return weights
+
+
 class SegLoss(torch.nn.Module):
     """Cross-entropy (optionally class-weighted) or focal, plus Dice over the classes when asked."""
 
-    def __init__(self, cfg: FinetuneConfig, num_values: int):
+    def __init__(self, cfg: FinetuneConfig, num_values: int, weights: list[float] | None = None):
         super().__init__()
         weight = None
-        if cfg.class_weights is not None:
+        if weights is not None:
+            weight = torch.tensor(weights, dtype=torch.float32)
+        elif isinstance(cfg.class_weights, list):
             if len(cfg.class_weights) != num_values:
                 raise ConfigError(f"key 'class_weights': {len(cfg.class_weights)} weights given, the shards have "
                                   f"{num_values} classes (background first)")
@@ -155,12 +175,17 @@ def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bo
         init_report = load_init(model, cfg.init, mcfg["model"])
         mcfg["init"] = str(cfg.init)
     frozen = freeze(model, cfg.freeze, mcfg["model"]) if cfg.freeze is not None else []
+    weights = auto_class_weights(shards, cfg.train_split, classes, subset) if cfg.class_weights == "auto" else None
+    if weights is not None:
+        log.info("class weights from the training pixels: %s", dict(zip(classes, [round(w, 2) for w in weights],
+                                                                      strict=True)))
     if acc.is_main_process:
         (run_dir / "run_info.json").write_text(json.dumps({
             "init": str(cfg.init) if cfg.init else None,
             "init_report": {k: (len(v), v[:20]) for k, v in init_report.items()} if init_report else None,
-            "frozen": len(frozen), "train_samples": len(subset) if subset is not None else None,
-            "subset": subset, "model": mcfg}, indent=2) + "\n")
+            "frozen": len(frozen), "class_weights": weights or cfg.class_weights,
+            "train_samples": len(subset) if subset is not None else None, "subset": subset, "model": mcfg},
+            indent=2) + "\n")
     mean = torch.tensor(mcfg["mean"], device=acc.device).view(1, -1, 1, 1)
     std = torch.tensor(mcfg["std"], device=acc.device).view(1, -1, 1, 1)
 
@@ -169,7 +194,7 @@ def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bo
 
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, weight_decay=cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    criterion = SegLoss(cfg, len(classes)).to(acc.device)
+    criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
     prepared, optimizer = acc.prepare(model, optimizer)
     aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
     last_val: dict | None = None

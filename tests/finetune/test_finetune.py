@@ -195,3 +195,22 @@ def test_two_accelerate_processes_train_a_vit_with_frozen_blocks(shards, tmp_pat
     assert sorted(p.name for p in (run / "checkpoints/step-0000002").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert (run / "model.safetensors").is_file()
+
+
+def test_auto_class_weights_come_from_training_pixels(shards):
+    from finetune.train import auto_class_weights
+    from synth.reader import make_dataset
+
+    classes = make_dataset(shards, "train").classes
+    weights = auto_class_weights(str(shards), "train", classes, None)
+    counts = torch.zeros(len(classes))
+    for sample in make_dataset(shards, "train"):
+        counts += torch.bincount(sample["mask"].flatten(), minlength=len(classes)).float()
+    assert weights[0] == 1.0 and len(weights) == len(classes)
+    for c in range(1, len(classes)):
+        expected = 1.0 if counts[c] == 0 else float((counts[0] / counts[c]).sqrt().clamp(1, 20))
+        assert weights[c] == pytest.approx(expected, rel=1e-5)
+    cfg = config(class_weights="auto")
+    assert cfg.class_weights == "auto"
+    with pytest.raises(ConfigError, match="class_weights"):
+        config(class_weights="inverse")
