@@ -6,8 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.augment import AugmentConfig
-from pretrain.config import MIXED_PRECISION
+from pretrain.config import MIXED_PRECISION, AugmentKeys
 from synth.config import require
 
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
@@ -16,7 +15,7 @@ LOSSES = ("ce", "ce_dice", "focal", "focal_dice")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(AugmentKeys):
     name: str = "finetune"
     # model (finetune/models.py): a timm encoder inside a segmentation-models-pytorch architecture
     model: str = "vit_tiny"  # timm name or alias (pretrain/models.py ALIASES)
@@ -34,14 +33,9 @@ class FinetuneConfig:
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
     num_workers: int = 2
     shuffle_buffer: int = 64
-    # augmentation (pretrain/augment.py), image and mask alike
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.5
+    # augmentation (pretrain/augment.py), image and mask alike; the other AugmentKeys defaults are kept
     color_jitter: float = 0.5
-    resized_crop: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
     # loss
     loss: str = "ce_dice"
     dice_weight: float = 1.0
@@ -103,9 +97,3 @@ class FinetuneConfig:
         require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")
         self.augment.validate()
-
-    @property
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
-                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
-                             crop_ratio=tuple(self.crop_ratio))

@@ -17,7 +17,6 @@ import logging
 import re
 from pathlib import Path
 
-import safetensors.torch
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,15 @@ from timm.data import resolve_data_config
 from timm.models._manipulate import group_with_matcher
 from torch import nn
 
-from pretrain.models import CONFIG_FILE, WEIGHTS_FILE, load_weights, probe_model, resolve_model_name, save_model
+from pretrain.models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_run,
+    load_weights,
+    probe_model,
+    resolve_model_name,
+    save_model,
+)
 
 from .config import FinetuneConfig
 
@@ -158,20 +165,7 @@ def save_segmenter(model: Segmenter, run_dir: Path, mcfg: dict) -> None:
 
 def load_segmenter(run_dir: str | Path) -> tuple[Segmenter, dict]:
     """Rebuild a finetune run's model from RUN/model_config.json and load RUN/model.safetensors (eval mode)."""
-    run_dir = Path(run_dir)
-    cfg_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: is {run_dir} a finetune run?")
-    mcfg = json.loads(cfg_path.read_text())
-    if mcfg.get("architecture") != "smp":
-        raise ValueError(f"{cfg_path} describes a {mcfg.get('architecture')!r} model, not a finetune (smp) model")
-    model = _instantiate(mcfg)
-    try:
-        safetensors.torch.load_model(model, str(weights_path), strict=True, device="cpu")
-    except RuntimeError as err:
-        raise ValueError(f"{weights_path} does not match the model described by {cfg_path}: {err}") from err
-    return model.eval(), mcfg
+    return load_run(run_dir, "smp", _instantiate)
 
 
 def _init_file(init: str | Path, resolved: str) -> Path:

@@ -15,7 +15,26 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass
-class PretrainConfig:
+class AugmentKeys:
+    """The augmentation keys of the pretrain and finetune configs, applied on the device (pretrain/augment.py)."""
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5
+    color_jitter: float = 0.8
+    resized_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
+                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
+                             crop_ratio=tuple(self.crop_ratio))
+
+
+@dataclass
+class PretrainConfig(AugmentKeys):
     name: str = "pretrain"
     # model (pretrain/models.py): any timm name or alias, built with pretrained=False
     model: str = "vit_tiny"
@@ -47,14 +66,7 @@ class PretrainConfig:
     mixup_alpha: float = 0.0
     switch_prob: float = 0.5
     label_mode: str = "area"
-    # augmentation on the device (pretrain/augment.py)
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.5
-    color_jitter: float = 0.8
-    resized_crop: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
+    # augmentation on the device: the AugmentKeys fields (hflip, vflip, rot90, color_jitter, resized_crop, ...)
     # data
     train_split: str = "train"
     val_split: str | None = "val"  # null = no validation
@@ -108,9 +120,3 @@ class PretrainConfig:
     def mix(self) -> MixConfig:
         return MixConfig(cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup_alpha=self.mixup_alpha,
                          switch_prob=self.switch_prob, label_mode=self.label_mode)
-
-    @property
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
-                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
-                             crop_ratio=tuple(self.crop_ratio))

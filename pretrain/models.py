@@ -334,16 +334,27 @@ def save_model(model: nn.Module, run_dir: str | Path, model_config: dict) -> Non
     logger.info("saved %s to %s", config.get("model"), run_dir)
 
 
-def load_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from RUN/model_config.json and load RUN/model.safetensors strictly (eval mode)."""
+def load_run(run_dir: str | Path, architecture: str, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+    """Read RUN/model_config.json, check its `architecture`, build the model with `build(config)` and load
+    RUN/model.safetensors strictly; returns the model in eval mode and the config."""
     run_dir = Path(run_dir)
     cfg_path, weights_path = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} not found: is {run_dir} a saved run?")
     config = json.loads(cfg_path.read_text())
-    if config.get("architecture") != "timm":
-        raise ValueError(f"{cfg_path}: architecture {config.get('architecture')!r} is not supported (expected 'timm')")
+    if config.get("architecture") != architecture:
+        raise ValueError(f"{cfg_path}: architecture {config.get('architecture')!r} is not supported here "
+                         f"(expected {architecture!r})")
+    model = build(config)
+    try:
+        safetensors.torch.load_model(model, str(weights_path), strict=True, device="cpu")
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path} does not match the model described by {cfg_path}: {err}") from err
+    return model.eval(), config
+
+
+def _rebuild(config: dict) -> nn.Module:
     img_size = config.get("img_size")
     model: nn.Module = _build(config["model"], num_classes=config["num_classes"],
                               img_size=tuple(img_size) if isinstance(img_size, list) else img_size,
@@ -353,11 +364,12 @@ def load_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
     if module.get("type") == "PretrainNet":
         model = PretrainNet(model, config["num_classes"], dense_head=module["dense_head"],
                             dense_hidden=module["dense_hidden"])
-    try:
-        safetensors.torch.load_model(model, str(weights_path), strict=True, device="cpu")
-    except RuntimeError as err:
-        raise ValueError(f"{weights_path} does not match the model described by {cfg_path}: {err}") from err
-    return model.eval(), config
+    return model
+
+
+def load_model(run_dir: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a pretrain run's model from RUN/model_config.json and load RUN/model.safetensors (eval mode)."""
+    return load_run(run_dir, "timm", _rebuild)
 
 
 # ------------------------------------------------------------------------------------------- network

@@ -265,8 +265,12 @@ def test_shape_mismatch_names_key_shapes_and_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_model(_tiny("vit_tiny"), tmp_path, _config("vit_tiny"))
     (tmp_path / "model.safetensors").rename(path)
-    with pytest.raises(ValueError, match=r"'pos_embed'.*w\.safetensors.*\(1, 17, 192\).*\(1, 25, 192\)"):
-        load_weights(_tiny("vit_tiny", img_size=(96, 64)), path)
+    # a position embedding for another image size is interpolated to the model's patch grid, not refused
+    report = load_weights(_tiny("vit_tiny", img_size=(96, 64)), path)
+    assert report["resampled"] == ["pos_embed"] and "pos_embed" in report["loaded"]
+    with pytest.raises(ValueError, match=r"shape mismatch for '[\w.]+' in .*w\.safetensors: file \(.*192.*\), model "
+                                         r"\(.*96.*\)"):
+        load_weights(_tiny("vit_tiny", embed_dim=96, num_heads=3), path)
     with pytest.raises(ValueError, match=r"'head\.bias'.*file \(3,\), model \(5,\).*skip_head"):
         load_weights(_tiny("vit_tiny", num_classes=5), path)
 
@@ -298,8 +302,10 @@ def test_skip_head_on_pretrain_net_skips_backbone_and_dense_heads(tmp_path):
 def test_strict_shapes_false_reports_mismatch(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(_tiny("vit_tiny").state_dict(), path)
-    report = load_weights(_tiny("vit_tiny", img_size=96), path, strict_shapes=False)
-    assert report["mismatched"] == ["pos_embed"] and "pos_embed" not in report["loaded"]
+    report = load_weights(_tiny("vit_tiny", embed_dim=96, num_heads=3), path, strict_shapes=False)
+    assert "cls_token" in report["mismatched"] and "cls_token" not in report["loaded"]
+    resampled = load_weights(_tiny("vit_tiny", img_size=96), path, strict_shapes=False)
+    assert resampled["resampled"] == ["pos_embed"] and not resampled["mismatched"]
 
 
 def test_missing_file_and_bad_files(tmp_path):

@@ -1,0 +1,38 @@
+"""The command line shared by `python -m pretrain` and `python -m finetune` (one config, shards, a run folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+
+from synth.config import ConfigError, load_config
+from synth.shards import ShardError
+
+from .loop import NonFiniteLoss
+
+
+def training_main(stage: str, doc: str, schema: type, train: Callable, example: str,
+                  argv: list[str] | None = None) -> int:
+    """Parse `--config --shards --out [key=value ...]`, validate, train; exit 2 on bad input, 3 on a NaN loss."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(stage)
+    p = argparse.ArgumentParser(prog=f"python -m {stage}", description=doc.splitlines()[0])
+    p.add_argument("--config", required=True, help=f"YAML file, e.g. configs/{stage}/vit_tiny.yaml")
+    p.add_argument("--shards", required=True, help="shard folder, _info.json location (local, https://, pipe:)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+        summary = train(cfg, args.shards, args.out, progress=not args.no_progress)
+    except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    except NonFiniteLoss as err:
+        log.error("%s", err)
+        return 3
+    log.info("done: %s", json.dumps(summary))
+    return 0
