@@ -147,7 +147,8 @@ def _freeze_unused(model: Segmenter) -> list[str]:
     was_training = model.training
     model.eval()  # no dropout: the probe consumes no random numbers
     side = 2 * model.stride
-    model(torch.zeros(1, 3, side, side)).sum().backward()
+    with torch.enable_grad():  # also when the caller builds the model under no_grad
+        model(torch.zeros(1, 3, side, side)).sum().backward()
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in model.named_parameters():
         p.grad = None

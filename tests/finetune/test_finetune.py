@@ -214,3 +214,10 @@ def test_auto_class_weights_come_from_training_pixels(shards):
     assert cfg.class_weights == "auto"
     with pytest.raises(ConfigError, match="class_weights"):
         config(class_weights="inverse")
+
+
+def test_building_under_no_grad_still_finds_the_unused_parameters():
+    with torch.no_grad():
+        model, _ = build_segmenter(config(model="vit_tiny", encoder_kwargs=SMALL_VIT), CLASSES)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(".norm." in n or ".head." in n for n in frozen), frozen
