@@ -26,7 +26,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check synth pretrain finetune evaluate tests bench
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	$(BIN)/python bench/synth_throughput.py
+	$(BIN)/python bench/pretrain_throughput.py
+	$(BIN)/python bench/finetune_models.py
+	$(BIN)/python bench/tiled_inference.py
 
 clean-demo:
 	rm -rf $(DEMO)

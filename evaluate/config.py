@@ -27,6 +27,9 @@ class EvalConfig:
     tolerance: int = 2  # px, for ODS/OIS (crack papers use 2)
     thresholds: int = 20  # ODS/OIS thresholds (k + 0.5) / thresholds
     seam_band: int = 4  # px on each side of an inner tile edge counted as "near a seam"
+    # interpretability (evaluate/interpret.py): ViT attention vs CNN Grad-CAM against the defect masks
+    interpret_images: int = 8  # images with a defect scored per model (0 = off)
+    interpret_tolerance: int = 8  # px around a defect that count as "on the defect"
     # cost
     speed_size: list[int] = field(default_factory=lambda: [2160, 3840])  # the "4K image" that is timed
     repeats: int = 3
@@ -55,4 +58,7 @@ class EvalConfig:
                 self.speed_size, "[H, W], each between 64 and 16384")
         require(self.repeats >= 1, "repeats", self.repeats, "an integer >= 1")
         require(self.warmup >= 0, "warmup", self.warmup, "an integer >= 0")
+        require(self.interpret_images >= 0, "interpret_images", self.interpret_images, "an integer >= 0")
+        require(0 <= self.interpret_tolerance <= 128, "interpret_tolerance", self.interpret_tolerance,
+                "an integer in [0, 128]")
         require(self.overlays >= 0, "overlays", self.overlays, "an integer >= 0")

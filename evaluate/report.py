@@ -109,6 +109,16 @@ def _miou(r: dict) -> float:
     return r["metrics"]["mIoU"]
 
 
+def _loc(r: dict) -> tuple[float, float]:
+    i = r["interpretability"]
+    return i["pointing_game"], i["energy_in_defect"]
+
+
+def _loc_text(r: dict) -> str:
+    i = r["interpretability"]
+    return f"{i['pointing_game']:.2f} / {i['energy_in_defect']:.2f} (chance {i['energy_chance']:.2f})"
+
+
 def _mem(r: dict) -> float:
     """GB a model adds during tiled 4K inference (CUDA: peak allocated; CPU: peak RSS over the RSS before)."""
     tiled = r["cost"]["tiled"]
@@ -172,8 +182,19 @@ def claims(results: list[dict]) -> list[list[str]]:
     if not sizes or len(rows) < 6:
         rows.append(["CNNs win with little data", "not measured" if not sizes else rows[-1][1],
                      "no reduced training set in this evaluation" if not sizes else rows[-1][2]])
-    rows.append(["Attention maps localize defects better than Grad-CAM", "not measured",
-                 "interpretability maps are not implemented in this version"])
+    att = [r for r in results if (r.get("interpretability") or {}).get("method") == "attention"
+           and r["interpretability"].get("images")]
+    cam = [r for r in results if (r.get("interpretability") or {}).get("method") == "grad-cam"
+           and r["interpretability"].get("images")]
+    if att and cam:
+        a, c = max(att, key=_loc), max(cam, key=_loc)
+        rows.append(["Attention maps localize defects better than Grad-CAM",
+                     "supported" if _loc(a) > _loc(c) else "not supported",
+                     f"pointing game / energy in defect: {a['name']} attention {_loc_text(a)}, {c['name']} Grad-CAM "
+                     f"{_loc_text(c)}"])
+    else:
+        rows.append(["Attention maps localize defects better than Grad-CAM", "not measured",
+                     "needs a ViT and a CNN scored on images with defects (interpret_images > 0)"])
     seams = [r for r in results if r["metrics"]["seam_ratio"] is not None]
     if seams:
         worst = max(seams, key=lambda r: r["metrics"]["seam_ratio"])
@@ -219,7 +240,28 @@ def _overlay_figure(sample: dict, predictions: dict[str, dict], classes: list[st
     return fig
 
 
-def write_report(out: Path, payload: dict, overlays: list[dict], predictions: dict[str, dict]) -> Path:
+def _maps_figure(maps: dict[str, list]):
+    names = [n for n, m in maps.items() if m]
+    cols = max(len(maps[n]) for n in names)
+    fig, axes = plt.subplots(len(names), cols, figsize=(3.4 * cols, 3.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        for col in range(cols):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(maps[name]):
+                ax.axis("off")
+                continue
+            key, image, mask, saliency = maps[name][col]
+            ax.imshow(image.permute(1, 2, 0).numpy() if image.shape[0] == 3 else image[0].numpy(), cmap="gray")
+            ax.imshow(saliency, cmap="inferno", alpha=0.55)
+            ax.contour(mask.numpy() > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.set_title(f"{name}\n{key}", fontsize=7)
+    return fig
+
+
+def write_report(out: Path, payload: dict, overlays: list[dict], predictions: dict[str, dict],
+                 maps: dict[str, list] | None = None) -> Path:
     results, cfg = payload["results"], payload["config"]
     doc = Doc(out)
     doc.para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; device "
@@ -260,7 +302,10 @@ def write_report(out: Path, payload: dict, overlays: list[dict], predictions: di
         ["pixel accuracy (mIoU)", col(cnn, lambda r: _fmt(_miou(r))), col(vit, lambda r: _fmt(_miou(r)))],
         ["data efficiency (training images)", col(cnn, lambda r: _fmt(r["train_samples"] or "all")),
          col(vit, lambda r: _fmt(r["train_samples"] or "all"))],
-        ["interpretability", "not measured", "not measured"],
+        ["interpretability (pointing game / energy in defect)",
+         col(cnn, lambda r: ("Grad-CAM " + _loc_text(r)) if (r.get("interpretability") or {}).get("images") else "n/a"),
+         col(vit, lambda r: ("attention " + _loc_text(r)) if (r.get("interpretability") or {}).get("images")
+             else "n/a")],
     ])
     doc.heading("Claims checked on this data")
     doc.table(["claim", "verdict", "evidence"], claims(results))
@@ -277,6 +322,21 @@ def write_report(out: Path, payload: dict, overlays: list[dict], predictions: di
         ax.scatter([], [], color=color, label=family)
     ax.legend(fontsize=8)
     doc.image(fig, "accuracy_vs_speed.png", "mIoU against seconds per 4K image, one point per model")
+    scored = [r for r in results if (r.get("interpretability") or {}).get("images")]
+    if scored:
+        doc.heading("Interpretability: where the models look")
+        tol = cfg.get("interpret_tolerance")
+        doc.para(f"ViTs: class-token attention of the last block; CNNs: Grad-CAM of the deepest encoder features. "
+                 f"Pointing game: the map's maximum within {tol} px of a defect; energy: the share of the map within "
+                 f"{tol} px of a defect (chance: that region's share of the image). Images larger than 512 px are "
+                 "cropped to 512 px around a defect.")
+        doc.table(["run", "family", "method", "images", "pointing game", "energy in defect", "chance"],
+                  [[r["name"], r["family"], r["interpretability"]["method"], r["interpretability"]["images"],
+                    _fmt(r["interpretability"]["pointing_game"], 2), _fmt(r["interpretability"]["energy_in_defect"], 2),
+                    _fmt(r["interpretability"]["energy_chance"], 2)] for r in scored])
+        if maps and any(maps.values()):
+            doc.image(_maps_figure(maps), "saliency.png", "saliency maps (attention or Grad-CAM) with the true "
+                      "defect outline")
     if overlays:
         doc.heading("Predictions on the largest images")
         for i, sample in enumerate(overlays):

@@ -17,6 +17,7 @@ from synth.reader import load_info, make_dataset
 
 from .config import EvalConfig
 from .cost import InferenceTimer, gflops, parameters, time_inference
+from .interpret import interpret_model
 from .metrics import EvalMetrics
 from .tiling import seam_mask, tile_grid, tiled_logits
 
@@ -105,7 +106,7 @@ def load_images(shards: list[str], cfg: EvalConfig) -> tuple[list[dict], list[st
 
 
 def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: EvalConfig, device: torch.device,
-                   overlay_keys: set[str], progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+                   overlay_keys: set[str], progress: bool = True) -> tuple[dict, dict]:
     model, mcfg = load_segmenter(run_dir)
     if mcfg["classes"] != classes:
         raise ValueError(f"model {run_dir} was trained on classes {mcfg['classes']} but the evaluation shards have "
@@ -132,6 +133,10 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
         if sample["key"] in overlay_keys:
             predictions[sample["key"]] = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
     result = {**describe(run_dir, mcfg), "metrics": metrics.compute()}
+    maps: list = []
+    if cfg.interpret_images:
+        result["interpretability"], maps = interpret_model(model, images, mean, std, device, cfg.interpret_tolerance,
+                                                           cfg.interpret_images)
     image, source = speed_image(images, cfg.speed_size, cfg.seed)
     x = _prepare(image, mean, std, device)
     measured = len(timer.times)
@@ -152,7 +157,7 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
             result["cost"]["whole"] = {"error": str(err).splitlines()[0]}
     log.info("%s: mIoU %.4f, %.2f s per %dx%d image", run_dir.name, result["metrics"]["mIoU"],
              timing["seconds_per_image"], *cfg.speed_size)
-    return result, predictions
+    return result, {"predictions": predictions, "maps": maps}
 
 
 def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | Path, *, progress: bool = True,
@@ -169,11 +174,12 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     images, classes, sources = load_images(shards, cfg)
     by_size = sorted(images, key=lambda s: -s["image"].shape[-1] * s["image"].shape[-2])
     overlay_keys = {s["key"] for s in by_size[:cfg.overlays]}
-    results, predictions = [], {}
+    results, predictions, maps = [], {}, {}
     for run in runs:
-        result, preds = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress)
+        result, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress)
         results.append(result)
-        predictions[result["name"]] = preds
+        predictions[result["name"]] = extra["predictions"]
+        maps[result["name"]] = extra["maps"]
     out.mkdir(parents=True, exist_ok=True)
     payload = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "classes": classes,
                "sources": sources, "images": len(images), "device": str(device), "results": results,
@@ -182,4 +188,4 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     tmp.replace(out / "results.json")
     overlays = [s for s in by_size[:cfg.overlays]]
-    return write_report(out, payload, overlays, predictions)
+    return write_report(out, payload, overlays, predictions, maps)

@@ -132,7 +132,8 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
     md = (tmp_path / "study/report/report.md").read_text()
     for section in ("## Results per model", "## Per class", "## The usual ViT-vs-CNN trade-off, measured",
                     "## Claims checked on this data", "## Accuracy against speed",
-                    "## Predictions on the largest images", "## How this report was made"):
+                    "## Interpretability: where the models look", "## Predictions on the largest images",
+                    "## How this report was made"):
         assert section in md, section
     assert "vit-pre-nall-s0" in md and "cnn-nall-s0" in md
     assert "Synthetic pretraining (with CutMix) makes ViTs viable" in md
@@ -175,3 +176,56 @@ def test_study_and_run_errors_name_the_problem(tmp_path, monkeypatch, caplog):
             str(tmp_path), "--out", str(tmp_path / "r")]
     assert main(args) == 2 and "is not a finetune run" in caplog.text
     assert main([*args, "blend=linear"]) == 2 and "blend" in caplog.text
+
+
+def test_a_study_on_a_real_folder_imports_it_and_times_on_a_procedural_4k_scene(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(REPO)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # grayscale photos of odd size with a one-class crack mask
+        Image.fromarray(rng.integers(0, 255, (70, 90), dtype=np.uint8)).save(images / f"img{i}.png")
+        mask = np.zeros((70, 90), dtype=np.uint8)
+        mask[30:33, 10:80] = 1
+        Image.fromarray(mask).save(masks / f"img{i}.png")
+    study = yaml.safe_load(tiny_study(tmp_path).read_text())
+    study["target"] = {"real": {"images": str(images), "masks": str(masks), "classes": ["crack"], "val_ratio": 0.34}}
+    study.pop("test_4k")
+    study.pop("pretrain_data")
+    study["pretrain"] = []
+    study["finetune"] = [study["finetune"][2]]  # the CNN only
+    study["evaluate"]["overrides"].update({"speed_size": [96, 160], "overlays": 1})
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(study))
+    run_study(path, tmp_path / "study")
+    results = json.loads((tmp_path / "study/report/results.json").read_text())
+    assert results["classes"] == ["background", "crack"] and results["images"] == 2
+    assert "procedural scene" in results["results"][0]["cost"]["tiled"]["source"]
+
+
+def test_attention_and_gradcam_maps_have_the_image_size_and_localization_is_scored_by_hand():
+    from evaluate.interpret import attention_map, gradcam_map, localization
+    from finetune.config import FinetuneConfig
+    from finetune.models import build_segmenter
+    from synth.config import load_config
+
+    vit, _ = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "encoder_kwargs": {
+        "embed_dim": 48, "num_heads": 2}}), ["background", "crack"])
+    cnn, _ = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "model": "resnet18",
+                                                                "architecture": "Unet"}), ["background", "crack"])
+    x = torch.rand(1, 3, 70, 90)
+    att = attention_map(vit.eval(), x)
+    assert att.shape == (70, 90) and att.min() >= 0
+    cam = gradcam_map(cnn.eval(), x)
+    assert cam.shape == (70, 90) and cam.min() >= 0
+    assert all(p.grad is None for p in cnn.parameters())  # no gradient left behind
+    mask = torch.zeros(10, 10, dtype=torch.long)
+    mask[2, 2] = 1
+    saliency = torch.zeros(10, 10)
+    saliency[2, 3], saliency[8, 8] = 3.0, 1.0
+    score = localization(saliency, mask, tolerance=1)  # peak 1 px from the defect; 3 of 4 units of mass near it
+    assert score["hit"] and score["energy"] == pytest.approx(0.75) and score["chance"] == pytest.approx(9 / 100)
