@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.config import MIXED_PRECISION, AugmentKeys
+from pretrain.config import AugmentKeys, validate_training_keys
 from synth.config import require
 
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
@@ -65,10 +64,7 @@ class FinetuneConfig(AugmentKeys):
     wandb_project: str = "defectforge"
 
     def validate(self) -> None:
-        for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "checkpoint_every",
-                    "keep_checkpoints"):
-            value = getattr(self, key)
-            require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        validate_training_keys(self)
         require(self.architecture in ARCHITECTURES, "architecture", self.architecture,
                 f"one of {', '.join(ARCHITECTURES)}")
         require(self.output_stride in (8, 16), "output_stride", self.output_stride, "8 or 16")
@@ -78,22 +74,9 @@ class FinetuneConfig(AugmentKeys):
                 "null (all) or an integer >= 1")
         require(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "an integer between 32 and 4096")
         require(64 <= self.val_max_size <= 8192, "val_max_size", self.val_max_size, "an integer between 64 and 8192")
-        require(self.stop_after is None or 1 <= self.stop_after <= self.max_steps, "stop_after", self.stop_after,
-                f"null or a step in [1, max_steps={self.max_steps}]")
-        require(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
-        require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number in [0, lr={self.lr}]")
-        require(0 <= self.warmup_steps < self.max_steps, "warmup_steps", self.warmup_steps,
-                f"an integer in [0, max_steps={self.max_steps})")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "null or a number > 0")
-        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
-                f"one of {', '.join(MIXED_PRECISION)}")
         require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
         require(self.dice_weight >= 0, "dice_weight", self.dice_weight, "a number >= 0")
         require(self.class_weights in (None, "auto") or (isinstance(self.class_weights, list) and all(
             isinstance(w, int | float) and w >= 0 for w in self.class_weights)), "class_weights", self.class_weights,
             "null, 'auto' or a list of numbers >= 0, background first")
-        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
         require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")
-        self.augment.validate()

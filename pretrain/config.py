@@ -14,6 +14,29 @@ from .cutmix import MixConfig
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
+def validate_training_keys(cfg) -> None:
+    """Checks of the keys every training config shares (the loop's keys, the loader's, the augmentation)."""
+    for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "checkpoint_every",
+                "keep_checkpoints"):
+        value = getattr(cfg, key)
+        require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+    require(cfg.stop_after is None or 1 <= cfg.stop_after <= cfg.max_steps, "stop_after", cfg.stop_after,
+            f"null or a step in [1, max_steps={cfg.max_steps}]")
+    require(cfg.lr > 0 and math.isfinite(cfg.lr), "lr", cfg.lr, "a finite number > 0")
+    require(0 <= cfg.min_lr <= cfg.lr, "min_lr", cfg.min_lr, f"a number in [0, lr={cfg.lr}]")
+    require(0 <= cfg.warmup_steps < cfg.max_steps, "warmup_steps", cfg.warmup_steps,
+            f"an integer in [0, max_steps={cfg.max_steps})")
+    require(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "a number >= 0")
+    require(cfg.clip_grad is None or cfg.clip_grad > 0, "clip_grad", cfg.clip_grad, "null or a number > 0")
+    require(cfg.mixed_precision in MIXED_PRECISION, "mixed_precision", cfg.mixed_precision,
+            f"one of {', '.join(MIXED_PRECISION)}")
+    require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
+    require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
+    require(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume,
+            "null, 'latest' or a checkpoint folder")
+    cfg.augment.validate()
+
+
 @dataclass
 class AugmentKeys:
     """The augmentation keys of the pretrain and finetune configs, applied on the device (pretrain/augment.py)."""
@@ -85,36 +108,15 @@ class PretrainConfig(AugmentKeys):
     wandb_project: str = "defectforge"
 
     def validate(self) -> None:
-        for key in ("batch_size", "grad_accum", "max_steps", "log_every", "val_every", "checkpoint_every",
-                    "keep_checkpoints"):
-            value = getattr(self, key)
-            require(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+        validate_training_keys(self)
         require(isinstance(self.img_size, int) and 32 <= self.img_size <= 4096, "img_size", self.img_size,
                 "an integer between 32 and 4096")
-        require(self.stop_after is None or 1 <= self.stop_after <= self.max_steps, "stop_after", self.stop_after,
-                f"null or a step in [1, max_steps={self.max_steps}]")
-        for key in ("lr", "min_lr"):
-            value = getattr(self, key)
-            require(math.isfinite(value) and value >= 0, key, value, "a finite number >= 0")
-        require(self.lr > 0, "lr", self.lr, "a number > 0")
-        require(self.min_lr <= self.lr, "min_lr", self.min_lr, f"a number <= lr ({self.lr})")
-        require(0 <= self.warmup_steps < self.max_steps, "warmup_steps", self.warmup_steps,
-                f"an integer in [0, max_steps={self.max_steps})")
-        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay,
                 "null or a number in (0, 1]")
-        require(self.clip_grad is None or self.clip_grad > 0, "clip_grad", self.clip_grad, "null or a number > 0")
-        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
-                f"one of {', '.join(MIXED_PRECISION)}")
         require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a number in [0, 1)")
         require(self.dense_weight >= 0, "dense_weight", self.dense_weight, "a number >= 0")
-        require(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
-        require(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
-        require(self.resume in (None, "latest") or isinstance(self.resume, str), "resume", self.resume,
-                "null, 'latest' or a checkpoint folder")
         self.mix.validate()
-        self.augment.validate()
 
     @property
     def mix(self) -> MixConfig:

@@ -80,14 +80,10 @@ def _crack(img: np.ndarray, rng: np.random.Generator, scale: float):
         wsamp.append(ws)
         dsamp.append(ds)
     pts, ws, ds = np.concatenate(samples), np.concatenate(wsamp), np.concatenate(dsamp)
-    hit = stroke_pixels(pts, ws, (h, w))
-    if hit is None:
+    stroke = _stroke(pts, ws, h, w)
+    if stroke is None:
         return None
-    ys, xs, dist, near = hit
-    wid = ws[near]
-    alpha = line_coverage(dist, wid)
-    if not (alpha >= 0.5).any():
-        return None
+    ys, xs, dist, near, wid, alpha = stroke
     core = np.clip(1.0 - dist / np.maximum(0.5 * wid, 0.5), 0.0, 1.0)
     dark = np.clip(depth * ds[near] * (0.6 + 0.4 * core), 0.0, 0.97).astype(np.float32)
     target = img[ys, xs] * (1.0 - dark)[:, None]
@@ -132,14 +128,10 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, scale: float):
     wk = 0.5 + (wk - 0.5) * ends
     inten = np.clip(0.6 + 0.4 * fractal_1d(k, rng, coarse=k / 5, fine=1), 0.2, 1.0) * (0.4 + 0.6 * ends)
     p, _, ws, iv = resample_polyline(pts, 0.35, wk, inten)
-    hit = stroke_pixels(p, ws, (h, w))
-    if hit is None:
+    stroke = _stroke(p, ws, h, w)
+    if stroke is None:
         return None
-    ys, xs, dist, near = hit
-    wid = ws[near]
-    alpha = line_coverage(dist, wid)
-    if not (alpha >= 0.5).any():
-        return None
+    ys, xs, dist, near, wid, alpha = stroke
     core = np.clip(1.2 - dist / np.maximum(0.5 * wid, 0.5), 0.5, 1.0)
     amount = (strength * iv[near] * core).astype(np.float32)[:, None]
     cur = img[ys, xs]
@@ -151,6 +143,19 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, scale: float):
     if shape == "arc":
         params["bend"] = _r(bend)
     return ys, xs, alpha, target, params, 2.0
+
+
+def _stroke(pts: np.ndarray, widths: np.ndarray, h: int, w: int):
+    """Pixels of a polyline stroke and their anti-aliased coverage, or None when it covers no pixel by half."""
+    hit = stroke_pixels(pts, widths, (h, w))
+    if hit is None:
+        return None
+    ys, xs, dist, near = hit
+    wid = widths[near]
+    alpha = line_coverage(dist, wid)
+    if not (alpha >= 0.5).any():
+        return None
+    return ys, xs, dist, near, wid, alpha
 
 
 def _local_grid(cx: float, cy: float, reach: float, h: int, w: int):
