@@ -1,27 +1,56 @@
-"""Pretraining throughput: the full loop against a bare loop, and the reader against what training consumes.
+"""Pretraining throughput: the full training loop against a bare loop, and the reader against what training uses.
 
-One JSON line per measurement: {"bench", "value", "unit", "reference", "ratio"}, for each image size:
-- `loop_<size>`: images/s of `pretrain.train.train` (shards -> decode and crop in the loader workers ->
-  kornia augmentation -> CutMix -> forward/backward/AdamW), taken from the `images_per_s` it logs to
-  `metrics.jsonl` (time of the optimizer steps including the wait for data; validation and checkpoints
-  excluded; the first log window is dropped as warm-up). Reference: a bare loop with the same model, batch,
-  optimizer and losses on in-memory random tensors (no data, no augmentation, no mixing). Target >= 0.85.
-- `reader_<size>`: images/s the data path alone delivers (`pretrain.data.train_loader`, same workers),
-  against the images/s the training loop consumes (the `loop_` value). Target >= 2.
-Both sides of each ratio run in this process, one after the other, with the same torch thread count.
+One JSON line per measurement, {"bench", "value", "unit", "reference", "ratio", ...}, for each image size:
 
-Usage: python bench/pretrain_throughput.py [--sizes 128 224] [--steps 30] [--batch-size 32] [--num-workers 1]
+- `loop_<size>`: images/s of the real `pretrain.train.train` (shards -> decode and square crop in the
+  DataLoader workers -> kornia augmentation -> labels -> CutMix -> normalise -> forward / backward / clipping /
+  AdamW / schedule). Reference: a bare loop with the same model (`pretrain.train.build_model`), batch size,
+  AdamW parameter groups, clipping and losses (BCE on the logits + dense cross-entropy) on in-memory random
+  tensors of the same shapes: no data, no augmentation, no mixing. Target: ratio >= 0.85.
+- `reader_<size>`: images/s the data path alone delivers (`pretrain.data.train_loader` with the loop's
+  `num_workers`, shuffle buffer and crops, no model). Reference: the images/s the loop consumes (the `loop_`
+  value). Target: ratio >= 2.
+
+How each figure is timed:
+- The loop figure comes from the `images_per_s` values `train()` writes to RUN/metrics.jsonl rather than from
+  timing `train()` from outside: each window times its optimizer steps from before the batch is fetched
+  (so a data stall counts) to after the schedule step, and leaves out what is not steady-state training
+  (model build, shard probing, the final checkpoint and weights save; validation is off). The first log
+  window is dropped as warm-up (DataLoader worker start-up, first allocations, the CutMix grid PNG); the
+  remaining windows are combined as total images / total time. Config: wandb=false, val_split=null,
+  checkpoint_every larger than the run (one data epoch, so the workers start once), log_every = steps // 8.
+- The bare loop drops the same number of warm-up steps (one log window) and is timed as total images / total
+  time over the rest, so both sides of the ratio use the same statistic.
+- The reader drops its first batch (worker start-up) and times the next `steps` batches (at least 20).
+- torch uses `--threads` intra-op threads (default: what torch picked at start-up, one per core), set before
+  every measurement and checked after it. DataLoader workers run one thread each (torch's default), on the
+  same cores: on a 2-core machine they compete with the two compute threads.
+- Shards are generated in a temporary folder with `synth.generate.generate` (256 JPEG samples at
+  `size + size // 4`, so the loader's random square crop has room to move, as with real larger images).
+
+Other processes on a shared machine distort every figure: each line carries `other_cpu`, the share of the
+machine's CPU that processes outside this one (and its workers) used while it was measured (psutil).
+A value above ~0.05 means the figure is not trustworthy; rerun on a quiet machine.
+
+Usage: python bench/pretrain_throughput.py [--sizes 128 224] [--steps N] [--batch-size 32] [--model vit_tiny]
+       [--num-workers 2] [--threads T]
+Default steps per size: max(30, round(80 * (128 / size) ** 2)), i.e. 80 at 128 px and 30 at 224 px
+(about 4-5 minutes in all on a quiet 2-core machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import platform
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -33,80 +62,198 @@ from synth.compose import SynthConfig
 from synth.config import load_config
 from synth.generate import generate
 
+NUM_SAMPLES = 256
+NOISY = 0.05  # other processes above this share of the machine's CPU make a figure untrustworthy
+
 
 def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None:
     print(json.dumps({"bench": bench, "value": round(value, 3), "unit": unit, "reference": round(reference, 3),
                       "ratio": round(value / reference, 3), **extra}), flush=True)
 
 
-def bare_loop(cfg: PretrainConfig, classes: list[str], steps: int) -> float:
-    """Images/s of forward/backward/AdamW on in-memory tensors (median over steps, after 2 warm-up steps)."""
-    torch.manual_seed(0)
+@dataclass
+class CpuShare:
+    """CPU used by this process tree and by the whole machine between `start()` and `stop()`."""
+
+    wall: float = 0.0
+    ours: float = 0.0
+    machine: float = 0.0
+
+    @staticmethod
+    def _ours() -> float:
+        me = psutil.Process()
+        t = me.cpu_times()  # children_*: workers already joined
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in me.children(recursive=True):  # workers still alive
+            try:
+                c = child.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:
+                pass
+        return total
+
+    @staticmethod
+    def _machine() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def start(self) -> CpuShare:
+        self._t0, self._o0, self._m0 = time.perf_counter(), self._ours(), self._machine()
+        return self
+
+    def stop(self) -> CpuShare:
+        self.wall = time.perf_counter() - self._t0
+        self.ours = self._ours() - self._o0
+        self.machine = self._machine() - self._m0
+        return self
+
+    @property
+    def other(self) -> float:
+        """Share of the machine (all cores) used by other processes."""
+        return max(0.0, self.machine - self.ours) / max(1e-9, self.wall * (os.cpu_count() or 1))
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def check_threads(threads: int, what: str) -> None:
+    if torch.get_num_threads() != threads:
+        print(f"# warning: {what} left torch with {torch.get_num_threads()} threads instead of {threads}; reset",
+              file=sys.stderr)
+        torch.set_num_threads(threads)
+
+
+def loop_rate(cfg: PretrainConfig, shards: Path, run_dir: Path) -> tuple[float, int, CpuShare]:
+    """Images/s of `train()` from its metrics.jsonl windows, the first one dropped; (rate, timed steps, cpu)."""
+    cpu = CpuShare().start()
+    train(cfg, str(shards), run_dir, progress=False)
+    cpu.stop()
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "images_per_s" in r]
+    images = seconds = 0.0
+    steps, previous = 0, 0
+    for i, row in enumerate(rows):
+        n = row["step"] - previous
+        previous = row["step"]
+        if i == 0:
+            continue  # warm-up window
+        window_images = n * cfg.batch_size * cfg.grad_accum
+        images += window_images
+        seconds += window_images / row["images_per_s"]
+        steps += n
+    if steps == 0:
+        raise SystemExit(f"only {len(rows)} log window(s) in {run_dir}/metrics.jsonl: raise --steps")
+    return images / seconds, steps, cpu
+
+
+def bare_rate(cfg: PretrainConfig, classes: list[str], steps: int, warmup: int) -> tuple[float, CpuShare]:
+    """Images/s of forward / losses / backward / clip / AdamW on fixed random tensors (no data, no augmentation)."""
+    torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg, classes)
     net.train()
     optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr)
-    k = len(classes) - 1
-    images = torch.rand(cfg.batch_size, 3, cfg.img_size, cfg.img_size)
-    labels = torch.rand(cfg.batch_size, k)
-    masks = torch.randint(0, k + 1, (cfg.batch_size, cfg.img_size, cfg.img_size))
-    times = []
-    for i in range(steps + 2):
-        start = time.perf_counter()
+    k, b, s = len(classes) - 1, cfg.batch_size, cfg.img_size
+    images = torch.rand(b, 3, s, s)
+    labels = (torch.rand(b, k) < 0.5).float()
+    masks = torch.randint(0, k + 1, (b, s, s))
+
+    def step() -> None:
         out = net(images)
-        loss = F.binary_cross_entropy_with_logits(out["logits"], labels) + F.cross_entropy(out["dense"], masks)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
+        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), labels)
+        dense = F.cross_entropy(out["dense"].float(), masks) if "dense" in out else bce.new_zeros(())
+        (bce + cfg.dense_weight * dense).backward()
+        if cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return cfg.batch_size / statistics.median(times)
+
+    for _ in range(warmup):
+        step()
+    cpu = CpuShare().start()
+    for _ in range(steps):
+        step()
+    cpu.stop()
+    return steps * b / cpu.wall, cpu
 
 
-def reader_rate(shards: Path, cfg: PretrainConfig, batches: int) -> float:
-    loader = train_loader(str(shards), "train", img_size=cfg.img_size, batch_size=cfg.batch_size, batches=batches,
-                          world_size=1, num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=0, epoch=0)
+def reader_rate(cfg: PretrainConfig, shards: Path, classes: list[str], batches: int) -> tuple[float, CpuShare]:
+    """Images/s of `train_loader` alone (same workers, crops and shuffle as the loop); first batch dropped."""
+    loader = train_loader(str(shards), cfg.train_split, img_size=cfg.img_size, batch_size=cfg.batch_size,
+                          batches=batches + 1, world_size=1, num_workers=cfg.num_workers,
+                          shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=0, classes=classes)
     it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    start = time.perf_counter()
-    n = 0
-    for _ in range(batches - 1):
-        n += next(it)["image"].shape[0]
-    return n / (time.perf_counter() - start)
+    next(it)
+    cpu = CpuShare().start()
+    n = sum(next(it)["image"].shape[0] for _ in range(batches))
+    cpu.stop()
+    del it
+    return n / cpu.wall, cpu
+
+
+def default_steps(size: int) -> int:
+    return max(30, round(80 * (128 / size) ** 2))
 
 
 def run(size: int, args: argparse.Namespace, workdir: Path) -> None:
+    steps = args.steps or default_steps(size)
+    log_every = max(2, steps // 8)
+    shard_size = size + size // 4
     shards = workdir / f"shards-{size}"
-    generate(load_config(SynthConfig, None, {"num_samples": 256, "image_size": size, "shard_size": 32,
-                                             "val_ratio": 0.0, "workers": 0}), shards, progress=False)
-    overrides = {"model": args.model, "img_size": size, "batch_size": args.batch_size, "max_steps": args.steps,
-                 "warmup_steps": 1, "log_every": max(1, args.steps // 5), "checkpoint_every": args.steps,
-                 "val_split": None, "num_workers": args.num_workers, "wandb": False}
-    cfg = load_config(PretrainConfig, None, overrides)
-    run_dir = workdir / f"run-{size}"
-    train(cfg, str(shards), run_dir, progress=False)
-    windows = [r["images_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "images_per_s" in r][1:]
-    loop = statistics.median(windows)
+    generate(load_config(SynthConfig, None, {"num_samples": NUM_SAMPLES, "image_size": shard_size,
+                                             "shard_size": NUM_SAMPLES // 4, "val_ratio": 0.0, "workers": 0}),
+             shards, progress=False)
     classes = json.loads((shards / "_info.json").read_text())["classes"]
-    bare = bare_loop(cfg, classes, args.steps)
-    emit(f"loop_{size}", loop, "images/s", bare, model=args.model, batch=args.batch_size,
-         num_workers=args.num_workers, threads=torch.get_num_threads(), target=">= 0.85")
-    reader = reader_rate(shards, cfg, args.reader_batches)
-    emit(f"reader_{size}", reader, "images/s", loop, num_workers=args.num_workers, target=">= 2")
+    cfg = load_config(PretrainConfig, None, {
+        "name": f"bench-{size}", "model": args.model, "img_size": size, "batch_size": args.batch_size,
+        "max_steps": steps, "warmup_steps": min(10, steps - 1), "log_every": log_every,
+        "checkpoint_every": 10 * steps, "val_split": None, "num_workers": args.num_workers, "wandb": False})
+    common = {"model": args.model, "batch": args.batch_size, "shard_image_size": shard_size,
+              "num_workers": args.num_workers, "threads": args.threads}
+
+    set_threads(args.threads)
+    loop, timed, loop_cpu = loop_rate(cfg, shards, workdir / f"run-{size}")
+    check_threads(args.threads, "train()")
+    bare, bare_cpu = bare_rate(cfg, classes, timed, warmup=log_every)
+    check_threads(args.threads, "the bare loop")
+    other = max(loop_cpu.other, bare_cpu.other)
+    emit(f"loop_{size}", loop, "images/s", bare, reference_name="bare forward/backward/AdamW on random tensors",
+         steps=steps, timed_steps=timed, **common, other_cpu=round(other, 3), target=">= 0.85",
+         met=loop / bare >= 0.85)
+    if other > NOISY:
+        print(f"# warning: other processes used {other:.0%} of the CPU during loop_{size}", file=sys.stderr)
+
+    reader, reader_cpu = reader_rate(cfg, shards, classes, max(20, steps))
+    check_threads(args.threads, "the reader")
+    emit(f"reader_{size}", reader, "images/s", loop, reference_name="images/s the training loop consumes",
+         batches=max(20, steps), **common, other_cpu=round(reader_cpu.other, 3), target=">= 2",
+         met=reader / loop >= 2)
+    if reader_cpu.other > NOISY:
+        print(f"# warning: other processes used {reader_cpu.other:.0%} of the CPU during reader_{size}",
+              file=sys.stderr)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
     p.add_argument("--model", default="vit_tiny")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps of the loop per size (default: 80 at 128 px, 30 at 224 px)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--reader-batches", type=int, default=20)
+    p.add_argument("--num-workers", type=int, default=PretrainConfig.num_workers,
+                   help="DataLoader workers of the loop and the reader (default: the PretrainConfig default)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = p.parse_args()
+    if args.steps is not None and args.steps < 4:
+        p.error("--steps must be >= 4 (a warm-up window and at least one timed one)")
+    print(f"# {platform.node()}: nproc {os.cpu_count()}, torch {torch.__version__}, threads {args.threads}, "
+          f"num_workers {args.num_workers}", file=sys.stderr)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            run(size, args, Path(tmp))
+        for i, size in enumerate(args.sizes):
+            workdir = Path(tmp) / str(i)  # a fresh folder per size: `generate` would resume into an existing one
+            workdir.mkdir()
+            run(size, args, workdir)
+    print(f"# total {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

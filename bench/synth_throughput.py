@@ -74,10 +74,14 @@ def main() -> None:
     p.add_argument("--format", default="jpg", choices=("jpg", "png"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for text in args.sizes:
+        for i, text in enumerate(args.sizes):
             size = parse_size(text)
             n = args.n if size[0] * size[1] <= 1024 * 1024 else max(4, args.n // 8)
-            run(size, n, args.format, Path(tmp))
+            # A fresh folder per size: `generate` resumes into a folder that already holds the shards, so a
+            # size given twice would otherwise time a no-op.
+            workdir = Path(tmp) / str(i)
+            workdir.mkdir()
+            run(size, n, args.format, workdir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from timm.optim import param_groups_weight_decay
 
 from pretrain.augment import augment_batch, build_augment
-from pretrain.data import train_loader
+from pretrain.data import to_device, train_loader
 from pretrain.loop import Run, last_checkpoint, lr_factor
 from pretrain.tracking import class_palette, mask_grid
 from synth.config import ConfigError
@@ -205,7 +205,7 @@ def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bo
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=classes, keys=subset)
 
     def micro_step(batch: dict, first: bool) -> dict:
-        images, masks = augment_batch(aug, batch["image"].to(acc.device), batch["mask"].to(acc.device))
+        images, masks = augment_batch(aug, *to_device(batch, acc.device))
         return criterion(prepared(normalize(images)), masks)
 
     def validate_now(step: int) -> dict:

@@ -14,13 +14,20 @@ from .loop import NonFiniteLoss
 
 
 def training_main(stage: str, doc: str, schema: type, train: Callable, example: str,
-                  argv: list[str] | None = None) -> int:
-    """Parse `--config --shards --out [key=value ...]`, validate, train; exit 2 on bad input, 3 on a NaN loss."""
+                  argv: list[str] | None = None, *, config_example: str | None = None,
+                  multi_shards: bool = False) -> int:
+    """Parse `--config --shards --out [key=value ...]`, validate, train; exit 2 on bad input, 3 on a NaN loss.
+
+    `multi_shards=True` takes one or more `--shards` folders and passes `train` the list.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(stage)
     p = argparse.ArgumentParser(prog=f"python -m {stage}", description=doc.splitlines()[0])
-    p.add_argument("--config", required=True, help=f"YAML file, e.g. configs/{stage}/vit_tiny.yaml")
-    p.add_argument("--shards", required=True, help="shard folder, _info.json location (local, https://, pipe:)")
+    example_config = config_example or f"configs/{stage}/vit_tiny.yaml"
+    p.add_argument("--config", required=True, help=f"YAML file, e.g. {example_config}")
+    p.add_argument("--shards", required=True, nargs="+" if multi_shards else None,
+                   help="shard folder, _info.json location (local, https://, pipe:)"
+                        + (" (one or more)" if multi_shards else ""))
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, model.safetensors)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")

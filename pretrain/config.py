@@ -45,6 +45,7 @@ class AugmentKeys:
     vflip: float = 0.5
     rot90: float = 0.5
     color_jitter: float = 0.8
+    hue_jitter: float = 0.0
     resized_crop: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
@@ -52,6 +53,7 @@ class AugmentKeys:
     @property
     def augment(self) -> AugmentConfig:
         return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
+                             hue_jitter=self.hue_jitter,
                              resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
                              crop_ratio=tuple(self.crop_ratio))
 

@@ -48,15 +48,19 @@ class SquareCrop:
         if min(h, w) < self.size:
             scale = self.size / min(h, w)
             h, w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
-            image = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
-            mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].long()
+            dtype = image.dtype
+            image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False,
+                                  antialias=True)[0]
+            image = image.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else image
+            mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].to(mask.dtype)
         # validation: a crop fixed by the sample key (not the centre, which would never show an edge chip)
         rng = self._generator() if self.seed is not None else np.random.default_rng(zlib.crc32(sample["key"].encode()))
         y0, x0 = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
         image = image[:, y0:y0 + self.size, x0:x0 + self.size].contiguous()
         mask = mask[y0:y0 + self.size, x0:x0 + self.size].contiguous()
-        present = torch.bincount(mask.flatten(), minlength=self.num_classes + 1)[1:] > 0
-        return {"image": image, "mask": mask, "labels": present.float(), "key": sample["key"]}
+        present = np.bincount(mask.numpy().ravel(), minlength=self.num_classes + 1)[1:] > 0  # numpy: cheap per sample
+        return {"image": image, "mask": mask, "labels": torch.from_numpy(present.astype(np.float32)),
+                "key": sample["key"]}
 
 
 def epoch_batches(steps: int, grad_accum: int) -> int:
@@ -69,6 +73,8 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
                  keys: list[str] | None = None) -> DataLoader:
     """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
 
+    Its images and masks are uint8 (`make_dataset(compact=True)`): move them with `to_device`.
+
     Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
     per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset.
     """
@@ -78,7 +84,7 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     probe = make_dataset(shards, split, classes=classes)  # resolves classes (and fails early on a bad location)
     dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
                            shuffle=shuffle_buffer, seed=s, classes=probe.classes,
-                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s), keys=keys)
+                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s), keys=keys, compact=True)
     generator = torch.Generator().manual_seed(s)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
                       collate_fn=collate, drop_last=False, persistent_workers=False,
@@ -92,6 +98,19 @@ def val_loader(shards: str, split: str, *, img_size: int, batch_size: int, num_w
     dataset = make_dataset(shards, split, classes=dataset.classes,
                            transform=SquareCrop(img_size, len(dataset.classes) - 1, seed=None))
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch's images (float in [0, 1]) and masks (long) on `device`.
+
+    `train_loader` ships uint8 images and masks (a quarter of the bytes of float32 through the worker queues
+    and the host-to-device copy) and they are converted here, on the device; float batches pass unchanged.
+    """
+    images = batch["image"].to(device, non_blocking=True)
+    masks = batch["mask"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
+    return images, masks.long()
 
 
 def collate(samples: list[dict]) -> dict:

@@ -27,7 +27,7 @@ from synth.reader import make_dataset
 from .augment import augment_batch, build_augment
 from .config import PretrainConfig
 from .cutmix import mix_batch
-from .data import train_loader, val_loader
+from .data import to_device, train_loader, val_loader
 from .loop import NonFiniteLoss, Run, checkpoints, last_checkpoint, lr_factor  # noqa: F401  (re-exported)
 from .metrics import multilabel_ap
 from .models import PretrainNet, create_backbone, model_config, save_model
@@ -146,8 +146,7 @@ def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: Pret
                     grid_path: Path | None) -> dict[str, torch.Tensor]:
     """One batch: augment, labels from the augmented masks, mix, forward; the losses (total first)."""
     device = run.accelerator.device
-    images = batch["image"].to(device, non_blocking=True)
-    masks = batch["mask"].to(device, non_blocking=True)
+    images, masks = to_device(batch, device)
     images, masks = augment_batch(aug, images, masks)
     k = len(classes) - 1
     present = images.new_zeros(masks.shape[0], k + 1).scatter_(1, masks.flatten(1), 1.0)

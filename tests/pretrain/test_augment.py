@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import kornia.augmentation as K
 import pytest
 import torch
 
@@ -42,12 +41,21 @@ def test_mask_values_stay_in_the_input_set() -> None:
         assert out.min() >= 0 and out.max() <= 1
 
 
-def test_float_mask_path_has_no_value_drift() -> None:
-    aug = build_augment(AugmentConfig(), (40, 40))
+def test_full_crop_is_the_identity_and_half_crop_is_a_2x_zoom() -> None:
+    geometry = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": 0.0}
+    images, masks = _marked_batch(size=(40, 40))
+    same = build_augment(AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), **geometry), (40, 40))
+    out, out_masks = augment_batch(same, images, masks)
+    assert torch.equal(out_masks, masks) and torch.allclose(out, images, atol=1e-5)
+    # A quarter of the area at twice the size: the 4-px mask blocks become 8-px runs (nearest sampling), so
+    # the places where a row or column changes value are 8 px apart (or a multiple of 8).
+    zoom = build_augment(AugmentConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), **geometry), (40, 40))
     torch.manual_seed(0)
-    images, masks = _marked_batch()
-    _, out_masks = aug(images, masks[:, None].float())
-    assert torch.equal(out_masks, out_masks.round()), "nearest resampling must copy values, not blend them"
+    _, zoomed = augment_batch(zoom, images, masks)
+    for lines in (zoomed, zoomed.transpose(1, 2)):
+        for line in lines.flatten(0, 1):
+            changes = (line[1:] != line[:-1]).nonzero().flatten()
+            assert ((changes[1:] - changes[:-1]) % 8 == 0).all(), line
 
 
 @pytest.mark.parametrize("rot90", [0.0, 1.0])
@@ -115,18 +123,41 @@ def test_reproducible_with_manual_seed() -> None:
 
 def test_rotation_is_left_out_for_non_square_size() -> None:
     aug = build_augment(AugmentConfig(rot90=1.0), (32, 48))
-    assert not any(isinstance(m, K.RandomRotation90) for m in aug.children())
+    assert aug.rot90 == 0.0 and build_augment(AugmentConfig(rot90=1.0), (32, 32)).rot90 == 1.0
     images, masks = _marked_batch(size=(64, 64))
     out, out_masks = augment_batch(aug, images, masks)
     assert out.shape == (8, 3, 32, 48) and out_masks.shape == (8, 32, 48)
-    assert any(isinstance(m, K.RandomRotation90) for m in build_augment(AugmentConfig(rot90=1.0), (32, 32)).children())
 
 
-def test_rotation_of_non_square_input_without_crop_is_refused() -> None:
+def test_non_square_flips_without_crop() -> None:
+    aug = build_augment(AugmentConfig(hflip=0.5, vflip=0.5, rot90=1.0, **GEOMETRY_ONLY), (32, 48))
+    torch.manual_seed(0)
+    images, masks = _marked_batch(size=(32, 48))
+    out, out_masks = augment_batch(aug, images, masks)
+    assert torch.equal(out_masks > 0, out[:, 0] == 1)
+    for i in range(len(images)):
+        pair = torch.cat([images[i], masks[i][None].float()])
+        flips = [pair, pair.flip(-1), pair.flip(-2), pair.flip(-1).flip(-2)]
+        assert any(torch.equal(torch.cat([out[i], out_masks[i][None].float()]), f) for f in flips)
+
+
+def test_input_of_another_size_without_crop_is_refused() -> None:
     aug = build_augment(AugmentConfig(rot90=1.0, resized_crop=False), (32, 32))
     images, masks = _marked_batch(size=(32, 48))
-    with pytest.raises(ValueError, match="square"):
+    with pytest.raises(ValueError, match="output size"):
         augment_batch(aug, images, masks)
+
+
+def test_dihedral_codes_are_all_drawn_and_uniform_over_quarter_turns() -> None:
+    # With rot90=1 and no flip, each output is a quarter turn of its input and the four turns are about equally
+    # likely (400 draws: expected 100 each).
+    aug = build_augment(AugmentConfig(hflip=0.0, vflip=0.0, rot90=1.0, **GEOMETRY_ONLY), (8, 8))
+    torch.manual_seed(0)
+    images = torch.arange(64.0).view(1, 1, 8, 8).expand(400, 3, 8, 8).contiguous() / 64
+    masks = torch.arange(64).view(1, 8, 8).expand(400, 8, 8).contiguous()
+    _, out_masks = augment_batch(aug, images, masks)
+    counts = [sum(torch.equal(m, torch.rot90(masks[0], k)) for m in out_masks) for k in range(4)]
+    assert sum(counts) == 400 and min(counts) > 70, counts
 
 
 def test_bad_inputs_are_rejected() -> None:
@@ -143,6 +174,7 @@ def test_bad_inputs_are_rejected() -> None:
     [
         ("hflip", 1.5, "[0, 1]"),
         ("color_jitter", -0.1, "[0, 1]"),
+        ("hue_jitter", 0.6, "[0, 0.5]"),
         ("crop_scale", (0.9, 0.2), "low <= high"),
         ("crop_scale", (0.2, 1.5), "<= 1"),
         ("crop_ratio", (0.0, 1.0), "0 < low"),
