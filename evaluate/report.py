@@ -99,6 +99,9 @@ def machine() -> str:
             f"{platform.system()} {platform.release()}")
 
 
+DIFFUSION_SOURCES = ("inpaint", "refine", "pretrained")  # `source` of shards made by a diffusion backend
+
+
 def _best(results: list[dict], family: str | tuple[str, ...], key) -> dict | None:
     families = (family,) if isinstance(family, str) else family
     pool = [r for r in results if r["family"] in families and key(r) is not None and not math.isnan(key(r))]
@@ -128,6 +131,10 @@ def _mem(r: dict) -> float:
 
 def _speed(r: dict) -> float:
     return r["cost"]["tiled"]["seconds_per_image"]
+
+
+def _diffused(r: dict) -> bool:
+    return any(s in DIFFUSION_SOURCES for s in r.get("pretrain_sources") or [])
 
 
 def claims(results: list[dict]) -> list[list[str]]:
@@ -204,6 +211,15 @@ def claims(results: list[dict]) -> list[list[str]]:
                      "(1.0 = no seam effect)"])
     else:
         rows.append(["Tile overlap removes seam artifacts", "not measured", "no image needed more than one tile"])
+    diffusion = [(d, p) for d in results for p in results
+                 if _diffused(d) and p.get("pretrain_sources") and not _diffused(p)
+                 and d["model"] == p["model"] and d["train_samples"] == p["train_samples"]]
+    if diffusion:  # only when the study pretrained the same model with and without diffusion data
+        d, p = max(diffusion, key=lambda dp: _miou(dp[0]))
+        rows.append(["Diffusion-generated data improves synthetic pretraining",
+                     "supported" if _miou(d) > _miou(p) else "not supported",
+                     f"{d['name']} (pretrained on {' + '.join(d['pretrain_sources'])}) mIoU {_miou(d):.3f} vs "
+                     f"{p['name']} (pretrained on {' + '.join(p['pretrain_sources'])}) {_miou(p):.3f}"])
     return rows
 
 

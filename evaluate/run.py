@@ -58,8 +58,13 @@ def describe(run_dir: Path, mcfg: dict) -> dict:
         family = "Swin"
     else:
         family = "CNN"
+    init = info.get("init")
+    sources = None  # what the pretraining data was made by (procedural, inpaint, refine, imported, ...)
+    pre_info = Path(init) / "run_info.json" if init else None
+    if pre_info is not None and pre_info.is_file():
+        sources = sorted({str(s) for s in json.loads(pre_info.read_text()).get("sources") or [] if s})
     return {"name": run_dir.name, "run": str(run_dir), "model": model, "architecture": mcfg.get("smp_class"),
-            "family": family, "init": info.get("init"), "pretrained": bool(info.get("init")),
+            "family": family, "init": init, "pretrained": bool(init), "pretrain_sources": sources,
             "train_samples": info.get("train_samples")}
 
 

@@ -2,7 +2,9 @@
 
 Stages, in order, each skipped when its complete outputs exist (an interrupted study resumes where it stopped):
 1. data: synthetic pretraining shards, the target data (generated or imported), optional 4K test scenes;
-2. pretrain: each pretraining run;
+   with a `diffusion` section, then a diffusion model trained on some of those folders (their train splits)
+   and the shards it generates (`data/diffusion`);
+2. pretrain: each pretraining run, on the folders its `data` key names (default: the pretraining shards);
 3. finetune: the grid models x training-set sizes x seeds, each from a pretrain run or from scratch;
 4. evaluate: every fine-tuned model on the target's evaluation split and the 4K scenes, then the report.
 
@@ -30,7 +32,9 @@ from synth.config import ConfigError, _closest, load_config, parse_overrides
 from .config import EvalConfig
 
 log = logging.getLogger("evaluate.study")
-TOP_KEYS = ("name", "pretrain_data", "target", "test_4k", "pretrain", "finetune", "train_samples", "seeds", "evaluate")
+TOP_KEYS = ("name", "pretrain_data", "target", "test_4k", "diffusion", "pretrain", "finetune", "train_samples", "seeds",
+            "evaluate")
+DATA_FOLDERS = ("pretrain", "target", "diffusion")
 
 
 def _check_keys(node: dict, known: tuple[str, ...], where: str) -> None:
@@ -44,7 +48,7 @@ def _check_keys(node: dict, known: tuple[str, ...], where: str) -> None:
 
 def _stage(node: dict, schema: type, where: str, extra: dict | None = None):
     """A stage step {config: FILE, overrides: {...}} loaded and validated with `schema`."""
-    _check_keys(node, ("config", "overrides", "name", "init"), where)
+    _check_keys(node, ("config", "overrides", "name", "init", "data"), where)
     if "config" not in node:
         raise ConfigError(f"{where}: missing key 'config' (a YAML file of the stage)")
     overrides = {**(node.get("overrides") or {}), **(extra or {})}
@@ -89,10 +93,16 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> dict:
         raise ConfigError("target: give 'synth' or 'real'")
     if raw.get("test_4k"):
         plan["data"]["test_4k"] = ("synth", _stage(raw["test_4k"], SynthConfig, "test_4k"))
+    if raw.get("diffusion"):
+        plan["diffusion"] = _diffusion_plan(raw["diffusion"], plan, study)
     for i, step in enumerate(raw.get("pretrain") or []):
         if "name" not in step:
             raise ConfigError(f"pretrain[{i}]: missing key 'name'")
-        plan["pretrain"][step["name"]] = _stage(step, PretrainConfig, f"pretrain[{i}] ({step['name']})", study)
+        where = f"pretrain[{i}] ({step['name']})"
+        cfg = _stage(step, PretrainConfig, where, study)
+        folders = step.get("data") or ["pretrain" if "pretrain" in plan["data"] else "target"]
+        _check_folders(folders, plan, f"{where}.data")
+        plan["pretrain"][step["name"]] = (cfg, folders)
     sizes = raw.get("train_samples") or [None]
     seeds = raw.get("seeds") or [0]
     for i, step in enumerate(raw.get("finetune") or []):
@@ -113,6 +123,47 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> dict:
     ev = raw.get("evaluate") or {"config": "configs/evaluate/default.yaml"}
     plan["evaluate"] = _stage(ev, EvalConfig, "evaluate", study)
     return plan
+
+
+def _check_folders(folders: Any, plan: dict, where: str) -> None:
+    if not isinstance(folders, list) or not folders:
+        raise ConfigError(f"{where}: expected a list of data folders ({', '.join(DATA_FOLDERS)}), found {folders!r}")
+    for f in folders:
+        if f not in DATA_FOLDERS:
+            raise ConfigError(f"{where}: unknown data folder '{f}'{_closest(str(f), list(DATA_FOLDERS))}; "
+                              f"known: {', '.join(DATA_FOLDERS)}")
+        if f == "diffusion" and "diffusion" not in plan:
+            raise ConfigError(f"{where}: 'diffusion' needs a top-level diffusion section (train, data, generate)")
+        if f != "diffusion" and f not in plan["data"]:
+            raise ConfigError(f"{where}: this study has no '{f}' data")
+
+
+def _diffusion_plan(node: dict, plan: dict, study: dict) -> dict:
+    """{train: cfg, data: [folders], generate: cfg}; the generate config is validated as procedural here (the
+    model it needs does not exist yet) and gets its backend and model_path when the study runs."""
+    from synth.train_diffusion import DiffusionTrainConfig
+
+    _check_keys(node, ("train", "data", "generate"), "diffusion")
+    for key in ("train", "generate"):
+        if key not in node:
+            raise ConfigError(f"diffusion: missing key '{key}' ({{config: FILE, overrides: {{...}}}})")
+    train_cfg = _stage(node["train"], DiffusionTrainConfig, "diffusion.train", study)
+    on = node.get("data") or ["pretrain" if "pretrain" in plan["data"] else "target"]
+    if "diffusion" in on:
+        raise ConfigError("diffusion.data: the diffusion model cannot train on its own output")
+    _check_folders(on, plan, "diffusion.data")
+    gen = node["generate"]
+    _check_keys(gen, ("config", "overrides"), "diffusion.generate")
+    overrides = dict(gen.get("overrides") or {})
+    backend = overrides.pop("backend", "inpaint")
+    if backend not in ("inpaint", "refine"):
+        raise ConfigError(f"diffusion.generate: backend '{backend}' is invalid, expected inpaint or refine (the model "
+                          "this study trains)")
+    if "model_path" in overrides:
+        raise ConfigError("diffusion.generate: model_path is set by the study (the model it trains)")
+    gen_cfg = _stage({"config": gen["config"], "overrides": overrides}, SynthConfig, "diffusion.generate",
+                     {"backend": "procedural"})
+    return {"train": train_cfg, "on": on, "generate": gen_cfg, "backend": backend}
 
 
 def _done(path: Path) -> bool:
@@ -144,14 +195,16 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
             import_folder(spec["images"], spec["masks"], folder, split_file=spec.get("split_file"),
                           classes=spec.get("classes") or ["defect"], name=spec.get("name"),
                           val_ratio=float(spec.get("val_ratio", 0.0)), mask_mode=spec.get("mask_mode", "index"))
-    pretrain_shards = data.get("pretrain", data["target"])
-    for name, cfg in plan["pretrain"].items():
+    if "diffusion" in plan:
+        data["diffusion"] = _run_diffusion(plan["diffusion"], data, root)
+    for name, (cfg, folders) in plan["pretrain"].items():
         run = root / "pretrain" / name
         if _done(run / "model.safetensors"):
             log.info("[pretrain] %s: complete, skipped", name)
             continue
-        log.info("[pretrain] %s", name)
-        pretrain(dataclasses.replace(cfg, resume="latest"), str(pretrain_shards), run)
+        log.info("[pretrain] %s on %s", name, " + ".join(folders))
+        shards = [str(data[f]) for f in folders]
+        pretrain(dataclasses.replace(cfg, resume="latest"), shards[0] if len(shards) == 1 else shards, run)
     runs = []
     for name, (cfg, init) in plan["finetune"].items():
         run = root / "finetune" / name
@@ -173,3 +226,23 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
     cmd = "python -m evaluate study " + shlex.join([str(config)] + (["--out", str(out)] if out else [])
                                                      + list(overrides or []))
     return evaluate(plan["evaluate"], runs, shards, report, commands=[cmd])
+
+
+def _run_diffusion(spec: dict, data: dict[str, Path], root: Path) -> Path:
+    """Train the diffusion model on the named folders, then generate its shards; both resume."""
+    from synth.generate import generate
+    from synth.train_diffusion import train as train_diffusion
+
+    run = root / "diffusion"
+    pipeline = run / "pipeline"
+    if _done(pipeline / "model_index.json"):
+        log.info("[diffusion] model complete, skipped")
+    else:
+        log.info("[diffusion] training on %s", " + ".join(spec["on"]))
+        train_diffusion(dataclasses.replace(spec["train"], resume="latest"), [str(data[f]) for f in spec["on"]], run)
+    folder = root / "data" / "diffusion"
+    cfg = dataclasses.replace(spec["generate"], backend=spec["backend"], model_path=str(pipeline))
+    cfg.validate()
+    log.info("[data] diffusion: generating into %s (backend %s)", folder, cfg.backend)
+    generate(cfg, folder)
+    return folder

@@ -12,7 +12,8 @@ from .config import PretrainConfig
 def main(argv: list[str] | None = None) -> int:
     from .train import train
 
-    return training_main("pretrain", __doc__, PretrainConfig, train, "model=vit_small max_steps=500", argv)
+    return training_main("pretrain", __doc__, PretrainConfig, train, "model=vit_small max_steps=500", argv,
+                         multi_shards=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def training_main(stage: str, doc: str, schema: type, train: Callable, example: 
     args = p.parse_args(argv)
     try:
         cfg = load_config(schema, args.config, args.overrides)
-        summary = train(cfg, args.shards, args.out, progress=not args.no_progress)
+        shards = args.shards[0] if multi_shards and len(args.shards) == 1 else args.shards
+        summary = train(cfg, shards, args.out, progress=not args.no_progress)
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2

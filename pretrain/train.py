@@ -9,6 +9,7 @@ The loop itself (checkpoints, exact resume, NaN stop, logging) is `pretrain/loop
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -89,11 +90,21 @@ def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, d
     return PretrainNet(backbone, len(classes) - 1, dense_head=cfg.dense_head), mcfg
 
 
-def train(cfg: PretrainConfig, shards: str, run_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run (or resume) pretraining; returns a summary {step, val, checkpoint, model}."""
+def train(cfg: PretrainConfig, shards: str | list[str], run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run (or resume) pretraining; returns a summary {step, val, checkpoint, model}.
+
+    `shards`: one location, or several dataset folders with the same classes read as one stream (for example
+    procedural and diffusion shards); RUN/run_info.json records them and their `source`s.
+    """
     run = Run(cfg, run_dir, job_type="pretrain")
     acc, run_dir = run.accelerator, run.run_dir
-    classes = make_dataset(shards, cfg.train_split).classes
+    probe = make_dataset(shards, cfg.train_split)
+    classes = probe.classes
+    if acc.is_main_process:
+        info = probe.info or {}
+        (run_dir / "run_info.json").write_text(json.dumps({
+            "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
+            "sources": info.get("sources") or [info.get("source")], "classes": classes}, indent=2) + "\n")
     net, mcfg = build_model(cfg, classes)
     mean = torch.tensor(mcfg["mean"], device=acc.device).view(1, -1, 1, 1)
     std = torch.tensor(mcfg["std"], device=acc.device).view(1, -1, 1, 1)

@@ -1,4 +1,4 @@
-"""`python -m synth {generate,import,preview,stats}`: see docs/synth.md and docs/import.md."""
+"""`python -m synth {generate,import,preview,stats,train-diffusion}`: docs/synth.md, import.md, diffusion.md."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--split", help="split to show (default: the first)")
     v.add_argument("--num", type=int, default=16, help="number of samples")
     v.add_argument("--seed", type=int, default=0, help="which samples to pick")
+
+    sub.add_parser("train-diffusion", add_help=False,
+                   help="train the inpainting diffusion model on shards (python -m synth train-diffusion --help)")
 
     s = sub.add_parser("stats", help="counts per class and split, defect areas, shard sizes")
     s.add_argument("folder", help="shard folder")
@@ -96,6 +99,11 @@ def _stats(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-diffusion"]:  # its own parser: the shared training command line (pretrain/cli.py)
+        from .train_diffusion import main as train_diffusion
+
+        return train_diffusion(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     handler = {"generate": _generate, "import": _import, "preview": _preview, "stats": _stats}[args.command]

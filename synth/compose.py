@@ -17,7 +17,8 @@ from .config import ConfigError, require
 from .defects import DEFECT_KINDS, draw_defect
 from .surfaces import SURFACE_KINDS, apply_imaging, crop_background, make_surface
 
-BACKENDS = ("procedural",)
+BACKENDS = ("procedural", "inpaint", "refine", "pretrained")  # all but procedural: synth/diffusion.py
+DIFFUSION_SCHEDULERS = ("ddim", "dpm")
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Defect counts are given for a 512x512 image and grow with the square root of the area, so a 4K scene
 # (about 32x the area) carries several defects of different sizes instead of one or two.
@@ -48,6 +49,15 @@ class SynthConfig:
     gradient: float = 0.25
     vignette: float = 0.3
     noise: list[float] = field(default_factory=lambda: [0.5, 3.0])
+    # diffusion backends (docs/diffusion.md); ignored by `procedural`
+    model_path: str | None = None  # inpaint/refine: a `synth train-diffusion` RUN/pipeline; pretrained: any local
+    steps: int = 25  # sampler steps
+    strength: float | None = None  # share of the schedule to run; null = 1.0 (inpaint, pretrained), 0.4 (refine)
+    scheduler: str = "ddim"  # ddim | dpm (DPM-Solver++ multistep)
+    patch_size: int = 256  # diffusion works in windows of this size around the defects
+    dilation: int = 2  # px the defect mask grows by to give the inpainting a margin (pixels beyond stay identical)
+    prompts: dict[str, str] = field(default_factory=dict)  # pretrained: class -> text prompt
+    guidance_scale: float = 7.5  # pretrained: classifier-free guidance
 
     def validate(self) -> None:
         require(self.backend in BACKENDS, "backend", self.backend, f"one of {', '.join(BACKENDS)}")
@@ -73,6 +83,36 @@ class SynthConfig:
                 "[min, max] sensor noise sigma in 8-bit levels, 0 <= min <= max <= 50")
         if self.background_dir is not None:
             background_files(self.background_dir)  # fails now, naming the folder, rather than in a worker
+        if self.backend != "procedural":
+            self._validate_diffusion()
+
+    def _validate_diffusion(self) -> None:
+        from .diffusion import check_model_folder, check_pretrained_folder
+
+        require(self.model_path is not None, "model_path", self.model_path,
+                f"a model folder for backend={self.backend} (see docs/diffusion.md)")
+        require(isinstance(self.steps, int) and 1 <= self.steps <= 1000, "steps", self.steps, "an integer in [1, 1000]")
+        require(self.strength is None or 0.0 < self.strength <= 1.0, "strength", self.strength,
+                "null or a number in (0, 1]")
+        require(self.scheduler in DIFFUSION_SCHEDULERS, "scheduler", self.scheduler,
+                f"one of {', '.join(DIFFUSION_SCHEDULERS)}")
+        require(isinstance(self.patch_size, int) and 32 <= self.patch_size <= 2048 and self.patch_size % 8 == 0,
+                "patch_size", self.patch_size, "a multiple of 8 in [32, 2048]")
+        require(isinstance(self.dilation, int) and 0 <= self.dilation <= 64, "dilation", self.dilation,
+                "an integer in [0, 64]")
+        require(self.guidance_scale >= 0, "guidance_scale", self.guidance_scale, "a number >= 0")
+        for name in self.prompts:
+            require(name in self.defects, f"prompts.{name}", name, f"one of the defect classes {list(self.defects)}")
+        if self.backend == "pretrained":
+            check_pretrained_folder(self.model_path)
+        else:
+            check_model_folder(self.model_path)
+
+    @property
+    def diffusion_strength(self) -> float:
+        if self.strength is not None:
+            return float(self.strength)
+        return 0.4 if self.backend == "refine" else 1.0
 
     @property
     def size(self) -> tuple[int, int]:

@@ -80,10 +80,27 @@ def _init_worker(cfg: SynthConfig) -> None:
     _BACKGROUNDS = background_files(cfg.background_dir) if cfg.background_dir else None
 
 
-def _make_sample(index: int) -> Sample:
+def _make_sample(index: int) -> Sample | tuple:
+    """The encoded sample; for a diffusion backend the rendered arrays, which the main process diffuses."""
     assert _CFG is not None, "worker not initialised"
     image, mask, meta = render_sample(_CFG, index, _BACKGROUNDS)
+    if _CFG.backend != "procedural":
+        return image, mask, meta
     return encode_sample(sample_key(index), image, mask, meta, _CFG.image_format, _CFG.jpeg_quality)
+
+
+def _diffused(stream: Iterator, cfg: SynthConfig) -> Iterator[Sample]:
+    """Diffusion on the rendered samples, in this process (the model is loaded once, on Accelerate's device).
+
+    Procedural rendering stays in the `workers` processes and overlaps with the diffusion here.
+    """
+    from .diffusion import Diffuser
+
+    with closing(stream):  # closing this generator also stops the render workers
+        diffuser = Diffuser(cfg)
+        for image, mask, meta in stream:
+            image, meta = diffuser(image, mask, meta)
+            yield encode_sample(sample_key(meta["index"]), image, mask, meta, cfg.image_format, cfg.jpeg_quality)
 
 
 def _check_or_write_config(cfg: SynthConfig, out: Path, is_main: bool) -> None:
@@ -159,7 +176,10 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
     records: dict[str, ShardRecord] = {}
     with tqdm(total=total, desc=f"generate[{rank}]" if world > 1 else "generate", unit="img",
               disable=not progress or total == 0, position=rank) as bar:
-        with closing(_samples(todo, min(workers, max(total, 1)), cfg)) as stream:
+        samples = _samples(todo, min(workers, max(total, 1)), cfg)
+        if cfg.backend != "procedural" and total:
+            samples = _diffused(samples, cfg)
+        with closing(samples) as stream:
             for p in todo:
                 chunk = itertools.islice(stream, p.stop - p.start)
                 records[p.filename] = write_shard(out / p.filename, _counting(chunk, bar))

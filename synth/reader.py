@@ -56,9 +56,31 @@ def load_info(location: str | Path) -> dict:
 
 
 def resolve_shards(location: str | Path | list[str], split: str | None = None) -> tuple[list[str], dict | None]:
-    """Shard URLs of `split` at `location` and the `_info.json` content when there is one."""
+    """Shard URLs of `split` at `location` and the `_info.json` content when there is one.
+
+    A list is either shard URLs/patterns (no `_info.json`), or several dataset folders (or `_info.json`
+    locations) read as one: their classes must be equal, and the info returned is the first one's with
+    `sources` (every folder's `source`) and `locations` added.
+    """
     if isinstance(location, (list, tuple)):
-        return [str(u) for u in location], None
+        if len(location) == 1:
+            return resolve_shards(location[0], split)
+        resolved = [resolve_shards(item, split) for item in location]
+        infos = [info for _, info in resolved]
+        urls = [u for found, _ in resolved for u in found]
+        if all(info is None for info in infos):
+            return urls, None
+        if any(info is None for info in infos):
+            raise ShardError(f"cannot read {list(map(str, location))} as one dataset: some have an _info.json and "
+                             "some do not")
+        first = infos[0]
+        for item, info in zip(location[1:], infos[1:], strict=True):
+            if info["classes"] != first["classes"]:
+                raise ShardError(f"cannot read '{location[0]}' and '{item}' as one dataset: classes "
+                                 f"{first['classes']} != {info['classes']}")
+        merged = {**first, "sources": [info.get("source") for info in infos],
+                  "locations": [str(item) for item in location]}
+        return urls, merged
     loc = str(location)
     is_dir = Path(loc).is_dir()
     if not is_dir and INFO_NAME not in loc:

@@ -87,7 +87,7 @@ def test_metrics_match_hand_computed_values_with_and_without_tolerance():
     assert s["image_AP"] != s["image_AP"]  # NaN: every image has a defect, AP undefined
 
 
-def tiny_study(tmp_path: Path) -> Path:
+def tiny_study(tmp_path: Path, diffusion: bool = False) -> Path:
     study = {
         "name": "tiny",
         "pretrain_data": {"config": "configs/synth/default.yaml",
@@ -118,6 +118,20 @@ def tiny_study(tmp_path: Path) -> Path:
     }
     fast = {"crop_size": 64, "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
             "val_every": 2, "num_workers": 0, "wandb": False}
+    if diffusion:  # the procedural-only vs procedural+diffusion pretraining switch
+        study["diffusion"] = {
+            "train": {"config": "configs/synth/diffusion_quickstart.yaml",
+                      "overrides": {"image_size": 32, "channels": [16, 32], "norm_groups": 8, "layers_per_block": 1,
+                                    "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
+                                    "val_every": 2, "sample_steps": 2, "num_workers": 0, "wandb": False}},
+            "data": ["pretrain"],
+            "generate": {"config": "configs/synth/default.yaml",
+                         "overrides": {"backend": "inpaint", "num_samples": 8, "image_size": 64, "shard_size": 4,
+                                       "val_ratio": 0.25, "seed": 3, "workers": 1, "steps": 2}}}
+        diff_pre = {**study["pretrain"][0], "name": "vit-diff", "data": ["pretrain", "diffusion"]}
+        study["pretrain"].append(diff_pre)
+        study["finetune"].insert(1, {**study["finetune"][0], "name": "vit-diffpre", "init": "vit-diff",
+                                     "overrides": dict(study["finetune"][0]["overrides"])})
     for step in study["finetune"]:
         step["overrides"].update(fast)
     path = tmp_path / "tiny.yaml"
@@ -127,7 +141,7 @@ def tiny_study(tmp_path: Path) -> Path:
 
 def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(REPO)
-    config = tiny_study(tmp_path)
+    config = tiny_study(tmp_path, diffusion=True)
     report = run_study(config, tmp_path / "study")
     md = (tmp_path / "study/report/report.md").read_text()
     for section in ("## Results per model", "## Per class", "## The usual ViT-vs-CNN trade-off, measured",
@@ -137,10 +151,19 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
         assert section in md, section
     assert "vit-pre-nall-s0" in md and "cnn-nall-s0" in md
     assert "Synthetic pretraining (with CutMix) makes ViTs viable" in md
+    assert "Diffusion-generated data improves synthetic pretraining" in md
+    assert (tmp_path / "study/diffusion/pipeline/model_index.json").is_file()
+    diff_info = json.loads((tmp_path / "study/data/diffusion/_info.json").read_text())
+    assert diff_info["source"] == "inpaint" and diff_info["splits"]["train"]["num_samples"] == 6
+    pre_info = json.loads((tmp_path / "study/pretrain/vit-diff/run_info.json").read_text())
+    assert pre_info["sources"] == ["procedural", "inpaint"] and len(pre_info["shards"]) == 2
     html = report.read_text()
     assert html.count("data:image/png;base64,") >= 3 and "<table>" in html
     results = json.loads((tmp_path / "study/report/results.json").read_text())
     assert {r["family"] for r in results["results"]} == {"ViT", "CNN"}
+    sources = {r["name"]: r["pretrain_sources"] for r in results["results"]}
+    assert sources["vit-diffpre-nall-s0"] == ["inpaint", "procedural"] and sources["vit-pre-nall-s0"] == ["procedural"]
+    assert sources["cnn-nall-s0"] is None
     assert results["results"][0]["cost"]["tiled"]["image_size"] == [160, 288]
     assert results["images"] == 3 + 2  # target val split and the two large scenes
 
@@ -159,7 +182,7 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
 
     with caplog.at_level(logging.INFO, logger="evaluate.study"):
         run_study(config, tmp_path / "study")  # everything complete: every stage is skipped
-    assert caplog.text.count("complete, skipped") == 4 and "report is newer" in caplog.text
+    assert caplog.text.count("complete, skipped") == 7 and "report is newer" in caplog.text  # 2 + 4 runs, diffusion
 
 
 def test_study_and_run_errors_name_the_problem(tmp_path, monkeypatch, caplog):
@@ -172,6 +195,14 @@ def test_study_and_run_errors_name_the_problem(tmp_path, monkeypatch, caplog):
         load_study(config, ["finetune=[{name: x, config: configs/finetune/quickstart.yaml, init: nope}]"])
     with pytest.raises(ConfigError, match="unknown key 'pretrian'"):
         load_study(config, ["pretrian=[]"])
+    with pytest.raises(ConfigError, match=r"pretrain\[0\] \(vit\).data: 'diffusion' needs a top-level diffusion"):
+        load_study(config, ["pretrain=[{name: vit, config: configs/pretrain/quickstart.yaml, data: [pretrain, "
+                            "diffusion]}]"])
+    with pytest.raises(ConfigError, match="unknown data folder 'pretrian'"):
+        load_study(config, ["pretrain=[{name: vit, config: configs/pretrain/quickstart.yaml, data: [pretrian]}]"])
+    with pytest.raises(ConfigError, match="diffusion.generate: model_path is set by the study"):
+        load_study(config, ["diffusion={train: {config: configs/synth/diffusion_quickstart.yaml}, generate: "
+                            "{config: configs/synth/default.yaml, overrides: {model_path: x}}}"])
     args = ["run", "--config", "configs/evaluate/default.yaml", "--models", str(tmp_path / "missing"), "--shards",
             str(tmp_path), "--out", str(tmp_path / "r")]
     assert main(args) == 2 and "is not a finetune run" in caplog.text

@@ -1,0 +1,294 @@
+"""`python -m synth train-diffusion`: train the mask- and class-conditioned inpainting UNet on image+mask shards.
+
+    accelerate launch -m synth train-diffusion --config configs/synth/diffusion.yaml --shards DIR [DIR ...] --out RUN
+
+Driven by the same Accelerate loop as pretraining (`pretrain.loop.Run`: checkpoints, exact resume, W&B,
+metrics.jsonl). Each training sample becomes an inpainting task (synth/diffusion.py for the model):
+
+- an image with defects: one of its defect classes is picked, the region to regenerate is that class's mask
+  dilated by `dilation` px, and the class is the condition, so the model learns to draw that defect inside a
+  given mask with the surface around it as context;
+- an image without defect: the region is a random ellipse and the condition is class 0 (background), so the
+  model learns to fill clean surface;
+- with probability `full_prob`: the region is the whole image (condition: the picked class, or background),
+  which is what `backend=refine` (SDEdit) runs.
+
+The loss is the noise-prediction MSE, weighted 1 inside the region and `outside_weight` outside (outside, the
+blanked-image input gives the answer away). Shards from several folders (procedural, imported real ones)
+are read in turn; their classes are merged by name. The result is `RUN/pipeline`, a diffusers pipeline
+folder (`save_pretrained`) with the EMA weights when `ema` is on, that `synth generate backend=inpaint` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pretrain.augment import augment_batch, build_augment
+from pretrain.config import AugmentKeys, validate_training_keys
+from pretrain.data import to_device, train_loader, val_loader
+from pretrain.loop import Run, last_checkpoint, lr_factor
+from pretrain.tracking import class_palette, mask_grid
+
+from . import __version__
+from .config import require
+from .diffusion import DefectInpaintPipeline, build_unet, save_pipeline, training_scheduler
+from .reader import make_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionTrainConfig(AugmentKeys):
+    """Every key of `python -m synth train-diffusion` (docs/diffusion.md)."""
+
+    name: str = "diffusion"
+    # model
+    image_size: int = 64  # training crops (the UNet runs on any multiple of 2**(levels-1) afterwards)
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
+    layers_per_block: int = 2
+    attention: bool = True  # self-attention at the lowest resolution
+    norm_groups: int = 32
+    num_train_timesteps: int = 1000
+    # task
+    dilation: int = 2
+    full_prob: float = 0.2
+    outside_weight: float = 0.1
+    # optimisation
+    batch_size: int = 16  # per process
+    grad_accum: int = 1
+    max_steps: int = 20000
+    stop_after: int | None = None
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 500
+    weight_decay: float = 0.0
+    clip_grad: float | None = 1.0
+    mixed_precision: str = "auto"
+    ema: bool = True
+    ema_decay: float = 0.999
+    # augmentation: flips and quarter turns only by default (colour is what the model must learn)
+    color_jitter: float = 0.0
+    resized_crop: bool = False
+    # data
+    train_split: str = "train"
+    val_split: str | None = "val"  # the first folder's split for the sample grid and val_loss; null = none
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    trace_samples: bool = False
+    # bookkeeping
+    log_every: int = 20
+    val_every: int = 1000  # sample grid + val_loss
+    sample_steps: int = 25  # DDIM steps of the sample grid
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    study: str | None = None
+    seed: int = 0
+    wandb: bool = True
+    wandb_project: str = "defectforge"
+
+    def validate(self) -> None:
+        validate_training_keys(self)
+        require(isinstance(self.image_size, int) and 16 <= self.image_size <= 1024, "image_size", self.image_size,
+                "an integer between 16 and 1024")
+        ch = self.channels
+        require(isinstance(ch, list) and 2 <= len(ch) <= 6 and all(isinstance(c, int) and c > 0 for c in ch),
+                "channels", ch, "a list of 2-6 positive channel counts, one per resolution level")
+        require(all(c % self.norm_groups == 0 for c in ch), "norm_groups", self.norm_groups,
+                f"a divisor of every channel count {ch}")
+        multiple = 2 ** (len(ch) - 1)
+        require(self.image_size % multiple == 0, "image_size", self.image_size,
+                f"a multiple of {multiple} (2**(len(channels) - 1))")
+        require(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "an integer >= 1")
+        require(self.num_train_timesteps >= 10, "num_train_timesteps", self.num_train_timesteps, "an integer >= 10")
+        require(isinstance(self.dilation, int) and 0 <= self.dilation <= 64, "dilation", self.dilation,
+                "an integer in [0, 64]")
+        require(0.0 <= self.full_prob <= 1.0, "full_prob", self.full_prob, "a number in [0, 1]")
+        require(0.0 <= self.outside_weight <= 1.0, "outside_weight", self.outside_weight, "a number in [0, 1]")
+        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
+        require(isinstance(self.sample_steps, int) and self.sample_steps >= 1, "sample_steps", self.sample_steps,
+                "an integer >= 1")
+
+
+def merged_classes(shards: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The union of the folders' classes by name (background first) and each folder's own list."""
+    per_folder = [make_dataset(s, None).classes for s in shards]
+    union = ["background"]
+    for classes in per_folder:
+        union += [c for c in classes[1:] if c not in union]
+    return union, per_folder
+
+
+def make_regions(masks: torch.Tensor, cfg: DiffusionTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: the region to regenerate (B, 1, H, W) in {0, 1} and its class label (B,); see the module doc.
+
+    Draws from torch's global RNG (seeded per process by the loop).
+    """
+    b, h, w = masks.shape
+    device = masks.device
+    labels = torch.zeros(b, dtype=torch.long)
+    raw = torch.zeros(b, 1, h, w, device=device)
+    yy = torch.arange(h, device=device).view(h, 1).float()
+    xx = torch.arange(w, device=device).view(1, w).float()
+    for i in range(b):
+        present = torch.unique(masks[i])
+        present = present[present > 0].cpu()
+        if len(present):
+            c = int(present[torch.randint(len(present), ())])
+            labels[i] = c
+            raw[i, 0] = (masks[i] == c).float()
+        else:  # a clean surface: fill a random ellipse with background
+            cy, cx = (torch.rand(2) * 0.6 + 0.2).tolist()
+            ry, rx = (torch.rand(2) * 0.25 + 0.05).tolist()
+            raw[i, 0] = (((yy / h - cy) / ry) ** 2 + ((xx / w - cx) / rx) ** 2 <= 1).float()
+    region = F.max_pool2d(raw, 2 * cfg.dilation + 1, stride=1, padding=cfg.dilation) if cfg.dilation else raw
+    full = torch.rand(b) < cfg.full_prob
+    region[full.to(device)] = 1.0
+    return region, labels.to(device)
+
+
+def denoising_loss(unet, scheduler, images: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
+                   outside_weight: float, noise: torch.Tensor | None = None,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise-prediction MSE of the inpainting task; images in [0, 1]."""
+    x0 = images * 2 - 1
+    noise = torch.randn_like(x0) if noise is None else noise
+    if timesteps is None:
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    xt = scheduler.add_noise(x0, noise, timesteps)
+    eps = unet(torch.cat([xt, region, x0 * (1 - region)], dim=1), timesteps, class_labels=labels).sample
+    weight = region + outside_weight * (1 - region)
+    return ((eps.float() - noise) ** 2 * weight).sum() / (weight.sum() * 3).clamp_min(1.0)
+
+
+def sample_grid(unet, scheduler, images: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
+                classes: list[str], steps: int, seed: int) -> np.ndarray:
+    """Uint8 grid: originals, the blanked inputs, samples (top three rows) and the regions coloured by class."""
+    pipe = DefectInpaintPipeline(unet=unet, scheduler=scheduler)
+    from diffusers import DDIMScheduler
+
+    out = pipe(images * 2 - 1, region, labels, steps=steps, generator=torch.Generator().manual_seed(seed),
+               scheduler=DDIMScheduler.from_config(scheduler.config))
+    samples = (out + 1) / 2
+    samples = region * samples + (1 - region) * images  # composited, as `synth generate` does
+    regions = (region[:, 0] * labels.view(-1, 1, 1)).long()
+    rows = [mask_grid(x, regions, class_palette(classes))[: x.shape[-2]] for x in (images, images * (1 - region))]
+    return np.concatenate([*rows, mask_grid(samples, regions, class_palette(classes))], axis=0)
+
+
+def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, progress: bool = True) -> dict:
+    """Train and write RUN/pipeline; returns a summary."""
+    from timm.utils import ModelEmaV3
+
+    shards = [shards] if isinstance(shards, str) else list(shards)
+    classes, per_folder = merged_classes(shards)
+    run = Run(cfg, out, job_type="train-diffusion")
+    acc, run_dir = run.accelerator, run.run_dir
+    luts = [torch.tensor([classes.index(c) for c in folder], device=acc.device) for folder in per_folder]
+
+    unet = build_unet(cfg.image_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention,
+                      cfg.norm_groups)
+    noise_scheduler = training_scheduler(cfg.num_train_timesteps)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    model, optimizer = acc.prepare(unet, optimizer)
+    ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay) if cfg.ema else None
+    aug = build_augment(cfg.augment, (cfg.image_size, cfg.image_size))
+    if acc.is_main_process:
+        log.info("classes %s from %d folder(s); UNet %.1f M parameters", classes, len(shards),
+                 sum(p.numel() for p in unet.parameters()) / 1e6)
+
+    fixed = None
+    if cfg.val_split and acc.is_main_process:
+        batch = next(iter(val_loader(shards[0], cfg.val_split, img_size=cfg.image_size,
+                                     batch_size=min(8, cfg.batch_size), num_workers=0)))
+        images, masks = to_device(batch, acc.device)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed)
+        region, labels = make_regions(luts[0][masks], cfg)
+        torch.random.set_rng_state(state)
+        g = torch.Generator().manual_seed(cfg.seed)
+        noise = torch.randn(images.shape, generator=g).to(acc.device)
+        t = torch.linspace(0, cfg.num_train_timesteps - 1, images.shape[0]).long().to(acc.device)
+        fixed = (images, region, labels, noise, t)
+
+    def weights_to_keep():
+        return ema.module if ema is not None else acc.unwrap_model(model)
+
+    def make_loader(epoch: int, batches: int):
+        per = math.ceil(batches / len(shards))
+        loaders = [train_loader(s, cfg.train_split, img_size=cfg.image_size, batch_size=cfg.batch_size, batches=per,
+                                world_size=acc.num_processes, num_workers=cfg.num_workers,
+                                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 7919 * k, epoch=epoch,
+                                classes=per_folder[k])
+                   for k, s in enumerate(shards)]
+        for group in zip(*loaders, strict=False):
+            for k, batch in enumerate(group):
+                yield {**batch, "folder": k}
+
+    def micro_step(batch: dict, first: bool) -> dict:
+        images, masks = to_device(batch, acc.device)
+        images, masks = augment_batch(aug, images, luts[batch["folder"]][masks])
+        region, labels = make_regions(masks, cfg)
+        return {"loss": denoising_loss(model, noise_scheduler, images, region, labels, cfg.outside_weight)}
+
+    def validate_now(step: int) -> dict:
+        if not acc.is_main_process or fixed is None:
+            return {}
+        net = weights_to_keep()
+        net.eval()
+        with torch.no_grad():
+            images, region, labels, noise, t = fixed
+            val_loss = float(denoising_loss(net, noise_scheduler, images, region, labels, cfg.outside_weight,
+                                            noise=noise, timesteps=t))
+            grid = sample_grid(net, noise_scheduler, images, region, labels, classes, cfg.sample_steps, cfg.seed)
+        net.train()
+        path = run_dir / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        Image.fromarray(grid).save(tmp)
+        tmp.replace(path)
+        if acc.trackers:
+            import wandb
+
+            run.log_images({"inpaint_samples": wandb.Image(grid, caption=(
+                "rows: originals, inputs with the region blanked, samples composited, regions by class ("
+                + ", ".join(f"{i}={c}" for i, c in enumerate(classes)) + ")"))}, step=step)
+        return {"val_loss": val_loss}
+
+    try:
+        run.start(*([scheduler, ema] if ema is not None else [scheduler]))
+        step = run.fit(model, optimizer, scheduler, make_loader=make_loader, micro_step=micro_step,
+                       validate=validate_now, ema=ema, progress=progress, desc="train-diffusion")
+        pipeline = None
+        if step == cfg.max_steps and acc.is_main_process:
+            pipeline = save_pipeline(weights_to_keep(), noise_scheduler, run_dir / "pipeline", {
+                "classes": classes, "image_size": cfg.image_size, "trained_on": [str(s) for s in shards],
+                "steps": step, "ema": cfg.ema, "defectforge_version": __version__})
+        acc.wait_for_everyone()
+    finally:
+        run.end()
+    return {"step": step, "classes": classes, "checkpoint": str(last_checkpoint(run_dir)),
+            "pipeline": str(run_dir / "pipeline") if step == cfg.max_steps else None,
+            "pipeline_written": pipeline is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.cli import training_main
+
+    return training_main("synth train-diffusion", __doc__, DiffusionTrainConfig, train, "max_steps=2000 image_size=64",
+                         argv, config_example="configs/synth/diffusion.yaml", multi_shards=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
