@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class DefectInpaintPipeline(DiffusionPipeline):
 
 
 def build_unet(image_size: int, num_classes: int, channels: list[int], layers_per_block: int,
-               attention: bool, norm_groups: int) -> UNet2DModel:
+               attention: bool, norm_groups: int, head_dim: int = 32) -> UNet2DModel:
     """The inpainting UNet: `len(channels)` resolution levels, self-attention at the lowest one if asked."""
     n = len(channels)
     down = ["DownBlock2D"] * n
@@ -100,7 +101,7 @@ def build_unet(image_size: int, num_classes: int, channels: list[int], layers_pe
     return UNet2DModel(sample_size=image_size, in_channels=IN_CHANNELS, out_channels=3,
                        layers_per_block=layers_per_block, block_out_channels=tuple(channels),
                        down_block_types=tuple(down), up_block_types=tuple(up), num_class_embeds=num_classes,
-                       norm_num_groups=norm_groups)
+                       norm_num_groups=norm_groups, attention_head_dim=head_dim)
 
 
 def training_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
@@ -152,12 +153,25 @@ def load_pipeline(path: str | Path, device: torch.device | str = "cpu") -> tuple
     """Load a `synth train-diffusion` model folder onto `device`."""
     info = check_model_folder(path)
     try:
-        pipe = DefectInpaintPipeline.from_pretrained(str(path), local_files_only=True)
+        with _quiet_loading():
+            pipe = DefectInpaintPipeline.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"key 'model_path': cannot load '{path}': {err}") from err
     pipe.to(device)
     pipe.unet.eval()
     return pipe, info
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" bar inside `synth generate`'s own progress bar."""
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------------------------- generation
@@ -360,7 +374,8 @@ def load_inpainting_pipeline(path: str | Path, device: torch.device) -> Any:
     from diffusers import AutoPipelineForInpainting
 
     try:
-        pipe = AutoPipelineForInpainting.from_pretrained(str(path), local_files_only=True)
+        with _quiet_loading():
+            pipe = AutoPipelineForInpainting.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as err:
         raise ConfigError(f"key 'model_path': cannot load '{path}' as an inpainting pipeline: {err}") from err
     pipe.to(device)

@@ -56,6 +56,7 @@ class DiffusionTrainConfig(AugmentKeys):
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     layers_per_block: int = 2
     attention: bool = True  # self-attention at the lowest resolution
+    head_dim: int = 32  # channels per attention head
     norm_groups: int = 32
     num_train_timesteps: int = 1000
     # task
@@ -108,6 +109,8 @@ class DiffusionTrainConfig(AugmentKeys):
         multiple = 2 ** (len(ch) - 1)
         require(self.image_size % multiple == 0, "image_size", self.image_size,
                 f"a multiple of {multiple} (2**(len(channels) - 1))")
+        require(isinstance(self.head_dim, int) and self.head_dim >= 1 and ch[-1] % self.head_dim == 0, "head_dim",
+                self.head_dim, f"a divisor of the last channel count {ch[-1]}")
         require(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "an integer >= 1")
         require(self.num_train_timesteps >= 10, "num_train_timesteps", self.num_train_timesteps, "an integer >= 10")
         require(isinstance(self.dilation, int) and 0 <= self.dilation <= 64, "dilation", self.dilation,
@@ -196,7 +199,7 @@ def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, p
     luts = [torch.tensor([classes.index(c) for c in folder], device=acc.device) for folder in per_folder]
 
     unet = build_unet(cfg.image_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention,
-                      cfg.norm_groups)
+                      cfg.norm_groups, cfg.head_dim)
     noise_scheduler = training_scheduler(cfg.num_train_timesteps)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
