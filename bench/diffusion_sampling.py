@@ -9,7 +9,8 @@ One JSON line per measurement, {"bench", "value", "unit", "reference", "ratio", 
 - `refine_<size>`: the same for SDEdit (`backend=refine`, `strength` of the steps).
 Each sample is a procedural render at the size (the render itself is not timed: see synth_throughput.py).
 The model is the quickstart architecture (configs/synth/diffusion_quickstart.yaml) with random weights:
-the speed does not depend on what it learned. Times are medians over `--repeats` runs after one warm-up.
+the speed does not depend on what it learned. Times are medians over `--repeats` runs, each side after one
+UNet forward per window shape (a whole warm-up run would double a 4K measurement: minutes on a CPU).
 
 Usage: python bench/diffusion_sampling.py [--sizes 256 2160x3840] [--steps 10] [--repeats 3] [--patch-size 256]
 """
@@ -55,8 +56,9 @@ def make_model(folder: Path) -> Path:
                                                                            "image_size": cfg.image_size})
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -81,7 +83,17 @@ def bare_seconds(diffuser: Diffuser, shapes: list[tuple[int, int]], calls: int, 
             for _ in range(calls):
                 unet(x, t, class_labels=label)
 
-    return median_seconds(run, repeats)
+    warm(diffuser, shapes)
+    return median_seconds(run, repeats, warmup=False)
+
+
+@torch.no_grad()
+def warm(diffuser: Diffuser, shapes: list[tuple[int, int]]) -> None:
+    """One UNet forward per distinct window shape (first-call allocations), instead of a whole warm-up run."""
+    label = torch.tensor([1], device=diffuser.device)
+    for h, w in sorted(set(shapes)):
+        x, _, _ = _pad_to(torch.zeros(1, 7, h, w), diffuser.multiple)
+        diffuser.pipe.unet(x.to(diffuser.device), 500, class_labels=label)
 
 
 def measure(backend: str, size: list[int], model: Path, args: argparse.Namespace) -> None:
@@ -90,7 +102,6 @@ def measure(backend: str, size: list[int], model: Path, args: argparse.Namespace
     cfg = load_config(SynthConfig, None, overrides)
     image, mask, meta = render_sample(cfg, 0)
     diffuser = Diffuser(cfg, device="cpu" if not torch.cuda.is_available() else None)
-    seconds = median_seconds(lambda: diffuser(image, mask, meta), args.repeats)
     # the windows the backend used, and how many UNet calls each took
     if backend == "refine":
         h, w = mask.shape
@@ -103,6 +114,8 @@ def measure(backend: str, size: list[int], model: Path, args: argparse.Namespace
         wins = [win for c in range(1, int(mask.max()) + 1) if (mask == c).any()
                 for win in windows(dilate(mask == c, cfg.dilation), args.patch_size)]
     shapes = [(win.y1 - win.y0, win.x1 - win.x0) for win in wins]
+    warm(diffuser, shapes)
+    seconds = median_seconds(lambda: diffuser(image, mask, meta), args.repeats, warmup=False)
     bare = bare_seconds(diffuser, shapes, calls, args.repeats)
     label = f"{size[0]}x{size[1]}"
     emit(f"{backend}_{label}", 1.0 / seconds, "images/s", 1.0 / bare,
@@ -116,7 +129,7 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["256", "2160x3840"])
     p.add_argument("--backends", nargs="+", default=["inpaint", "refine"], choices=("inpaint", "refine"))
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--patch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="which procedural scene is rendered")
     args = p.parse_args()

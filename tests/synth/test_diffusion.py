@@ -214,8 +214,8 @@ def _tiny_inpainting_pipeline(folder: Path) -> Path:
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
                         norm_num_groups=4, layers_per_block=1)
     pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                          scheduler=DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
+                                          scheduler=DDIMScheduler(steps_offset=1), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "sd")
     return folder / "sd"
 
@@ -242,3 +242,31 @@ def test_pretrained_inpainting_pipeline_from_a_local_folder(tmp_path: Path) -> N
         load_config(SynthConfig, None, overrides)
     with pytest.raises(ConfigError, match="prompts.pit"):
         load_config(SynthConfig, None, {**overrides, "prompts": {"pit": "a pit"}})
+
+
+@pytest.mark.distributed
+def test_two_accelerate_processes_train_one_pipeline(trained: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    other = tmp_path / "other"  # a second folder with other classes: merged by name
+    generate(load_config(SynthConfig, None, {**GEN, "num_samples": 8, "defects": {"scratch": 1.0, "crack": 1.0}}),
+             other, progress=False)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items() if k != "wandb"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "synth", "train-diffusion",
+           "--config", str(repo / "configs/synth/diffusion_quickstart.yaml"), "--shards",
+           str(trained.parent / "shards"), str(other), "--out", str(run), "--no-progress", *overrides,
+           "trace_samples=true", "wandb=true"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    steps = [[line.split()[0] for line in (run / f"samples/rank-{r}.txt").read_text().splitlines()] for r in range(2)]
+    assert steps[0] == steps[1] == ["1", "2", "3", "4"]  # both ranks ran every step
+    info = json.loads((run / "pipeline" / "defectforge.json").read_text())
+    assert info["classes"] == ["background", "crack", "pit", "scratch"]
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
