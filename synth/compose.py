@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, require
-from .defects import DEFECT_KINDS, draw_defect
-from .surfaces import SURFACE_KINDS, apply_imaging, crop_background, make_surface
+from .defects import DEFECT_KINDS, place_defect
+from .surfaces import SURFACE_KINDS, crop_background, draw_imaging, make_surface
 
 BACKENDS = ("procedural", "inpaint", "refine", "pretrained")  # all but procedural: synth/diffusion.py
 DIFFUSION_SCHEDULERS = ("ddim", "dpm")
@@ -167,14 +167,25 @@ def render_sample(cfg: SynthConfig, index: int, backgrounds: list[Path] | None =
     rng = sample_rng(cfg.seed, index)
     h, w = cfg.size
     scale = min(h, w) / REFERENCE_SIDE
+    camera = {"gradient": cfg.gradient, "vignette": cfg.vignette, "noise": tuple(cfg.noise)}
+    # Lighting is applied to the surface before the defects are drawn (a defect's shading is relative to the
+    # lit surface around it): a procedural surface folds the gain into its smooth field, which saves an
+    # (H, W, 3) pass at the end; the sensor noise is added by imaging.finish, with the quantisation.
     if backgrounds and rng.random() < cfg.background_ratio:
         path = backgrounds[int(rng.integers(len(backgrounds)))]
         img, surface = crop_background(path, h, w, rng)
+        imaging = draw_imaging(rng, **camera)
+        gain = imaging.gain(h, w)
+        if gain is not None:
+            for c in range(3):
+                img[..., c] *= gain
     else:
-        img, surface = make_surface(_pick(rng, cfg.surfaces), h, w, rng)
+        kind = _pick(rng, cfg.surfaces)
+        imaging = draw_imaging(rng, **camera)
+        img, surface = make_surface(kind, h, w, rng, imaging)
 
     mask = np.zeros((h, w), dtype=np.uint8)
-    drawn: list[tuple[int, np.ndarray, dict]] = []
+    drawn: list[tuple[int, np.ndarray, np.ndarray, dict]] = []
     if rng.random() >= cfg.empty_ratio:
         lo, hi = cfg.defects_per_image
         area_factor = math.sqrt(h * w) / REFERENCE_SIDE
@@ -183,24 +194,24 @@ def render_sample(cfg: SynthConfig, index: int, backgrounds: list[Path] | None =
         for _ in range(count):
             kind = _pick(rng, active)
             class_id = cfg.classes.index(kind)
-            footprint, params = draw_defect(kind, img, rng, scale)
-            mask[footprint] = class_id  # a later defect covers an earlier one where they overlap
-            drawn.append((class_id, footprint, params))
+            ys, xs, params = place_defect(kind, img, rng, scale)  # the footprint as pixel lists
+            mask[ys, xs] = class_id  # a later defect covers an earlier one where they overlap
+            drawn.append((class_id, ys, xs, params))
 
-    img, imaging = apply_imaging(img, rng, gradient=cfg.gradient, vignette=cfg.vignette, noise=tuple(cfg.noise))
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    image = imaging.finish(img, rng)
 
     defects = []
-    for class_id, footprint, params in drawn:
-        visible = footprint & (mask == class_id)
-        ys, xs = np.nonzero(visible)
-        if len(ys) == 0:  # fully covered by a later defect: the label shows nothing of it
+    for class_id, ys, xs, params in drawn:
+        visible = mask[ys, xs] == class_id
+        area = int(np.count_nonzero(visible))
+        if area == 0:  # fully covered by a later defect: the label shows nothing of it
             continue
+        vy, vx = ys[visible], xs[visible]
         defects.append({
             "class": cfg.classes[class_id],
             "class_id": class_id,
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-            "area_px": int(len(ys)),
+            "bbox": [int(vx.min()), int(vy.min()), int(vx.max()) + 1, int(vy.max()) + 1],
+            "area_px": area,
             "params": params,
         })
     meta = {
@@ -209,7 +220,7 @@ def render_sample(cfg: SynthConfig, index: int, backgrounds: list[Path] | None =
         "index": index,
         "size": [h, w],
         "surface": surface,
-        "imaging": imaging,
+        "imaging": imaging.meta(),
         "defects": defects,
     }
     return image, mask, meta

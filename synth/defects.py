@@ -9,22 +9,41 @@ honest about every pixel the defect changed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from synth.raster import (
     blend,
+    clip,
     fractal_1d,
     fractal_noise,
     line_coverage,
+    on_segment,
     radial_boundary,
     resample_polyline,
+    restrict_dense,
     restrict_to_footprint,
     smoothstep,
     stroke_pixels,
+    texture_linear,
+    upsample,
 )
 
 DEFECT_KINDS: tuple[str, ...] = ("crack", "scratch", "pit", "stain", "chip")
+
+
+@dataclass
+class Dense:
+    """A defect drawn on a box of the image: opacity (bh, bw) at (y0, x0), and `apply(window, alpha)`, which
+    blends the defect into that window of the image in place (leaving pixels with alpha == 0 bit-identical)."""
+
+    y0: int
+    x0: int
+    alpha: np.ndarray
+    apply: Callable[[np.ndarray, np.ndarray], None]
+
 
 _MAX_TRIES = 25
 
@@ -56,7 +75,7 @@ def _crack(img: np.ndarray, rng: np.random.Generator, scale: float):
     n = len(main)
     t = np.linspace(0.0, 1.0, n)
     mod = 1.0 + 0.3 * fractal_1d(n, rng, coarse=n / 4, fine=4) + 0.2 * fractal_1d(n, rng, coarse=3, fine=1)
-    mod = np.clip(mod, 0.35, 1.8)
+    mod = clip(mod, 0.35, 1.8)
     # Thickest mid-path, tapering to half a pixel at both tips.
     widths = [0.5 + (w_max - 0.5) * np.sin(np.pi * t) ** 0.6 * mod]
     paths = [main]
@@ -72,20 +91,21 @@ def _crack(img: np.ndarray, rng: np.random.Generator, scale: float):
         widths.append(0.5 + max(w0 - 0.5, 0.0) * (1.0 - tb) ** 0.8)
         paths.append(pts)
         branches.append({"length": _r(b_len), "width": _r(w0), "angle": _r(b_head)})
-    samples, wsamp, dsamp = [], [], []
+    samples, wsamp, dsamp, starts = [], [], [], []
     for pts, wd in zip(paths, widths, strict=True):
-        dmod = np.clip(1.0 + 0.15 * fractal_1d(len(pts), rng, coarse=len(pts) / 3, fine=2), 0.6, 1.2)
-        p, _, ws, ds = resample_polyline(pts, 0.35, wd, dmod)
+        dmod = clip(1.0 + 0.15 * fractal_1d(len(pts), rng, coarse=len(pts) / 3, fine=2), 0.6, 1.2)
+        p, _, ws, ds = resample_polyline(pts, _SPACING, wd, dmod)
+        starts.append(sum(len(s) for s in samples))
         samples.append(p)
         wsamp.append(ws)
         dsamp.append(ds)
     pts, ws, ds = np.concatenate(samples), np.concatenate(wsamp), np.concatenate(dsamp)
-    stroke = _stroke(pts, ws, h, w)
+    stroke = _stroke(pts, ws, h, w, starts)
     if stroke is None:
         return None
     ys, xs, dist, near, wid, alpha = stroke
-    core = np.clip(1.0 - dist / np.maximum(0.5 * wid, 0.5), 0.0, 1.0)
-    dark = np.clip(depth * ds[near] * (0.6 + 0.4 * core), 0.0, 0.97).astype(np.float32)
+    core = clip(1.0 - dist / np.maximum(0.5 * wid, 0.5), 0.0, 1.0)
+    dark = clip(depth * on_segment(ds, *near) * (0.6 + 0.4 * core), 0.0, 0.97).astype(np.float32)
     target = img[ys, xs] * (1.0 - dark)[:, None]
     params = {
         "length": _r(length), "max_width": _r(w_max), "depth": _r(depth), "start": [_r(v) for v in start],
@@ -123,17 +143,17 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, scale: float):
     strength = rng.uniform(0.35, 0.8)
     k = len(pts)
     t = np.linspace(0.0, 1.0, k)
-    ends = np.clip(np.minimum(t, 1.0 - t) / 0.06, 0.0, 1.0)
-    wk = np.maximum(width * (0.75 + 0.25 * np.clip(fractal_1d(k, rng, coarse=k / 3, fine=2), -1, 1)), 1.0)
+    ends = clip(np.minimum(t, 1.0 - t) / 0.06, 0.0, 1.0)
+    wk = np.maximum(width * (0.75 + 0.25 * clip(fractal_1d(k, rng, coarse=k / 3, fine=2), -1, 1)), 1.0)
     wk = 0.5 + (wk - 0.5) * ends
-    inten = np.clip(0.6 + 0.4 * fractal_1d(k, rng, coarse=k / 5, fine=1), 0.2, 1.0) * (0.4 + 0.6 * ends)
-    p, _, ws, iv = resample_polyline(pts, 0.35, wk, inten)
+    inten = clip(0.6 + 0.4 * fractal_1d(k, rng, coarse=k / 5, fine=1), 0.2, 1.0) * (0.4 + 0.6 * ends)
+    p, _, ws, iv = resample_polyline(pts, _SPACING, wk, inten)
     stroke = _stroke(p, ws, h, w)
     if stroke is None:
         return None
     ys, xs, dist, near, wid, alpha = stroke
-    core = np.clip(1.2 - dist / np.maximum(0.5 * wid, 0.5), 0.5, 1.0)
-    amount = (strength * iv[near] * core).astype(np.float32)[:, None]
+    core = clip(1.2 - dist / np.maximum(0.5 * wid, 0.5), 0.5, 1.0)
+    amount = (strength * on_segment(iv, *near) * core).astype(np.float32)[:, None]
     cur = img[ys, xs]
     target = cur + (255.0 - cur) * amount if polarity == "bright" else cur * (1.0 - amount)
     params = {
@@ -145,27 +165,38 @@ def _scratch(img: np.ndarray, rng: np.random.Generator, scale: float):
     return ys, xs, alpha, target, params, 2.0
 
 
-def _stroke(pts: np.ndarray, widths: np.ndarray, h: int, w: int):
-    """Pixels of a polyline stroke and their anti-aliased coverage, or None when it covers no pixel by half."""
-    hit = stroke_pixels(pts, widths, (h, w))
+_SPACING = 1.0  # px between the vertices of a stroke's polyline (distances are to its segments, so exact)
+
+
+def _stroke(pts: np.ndarray, widths: np.ndarray, h: int, w: int, starts=()):
+    """Pixels of a polyline stroke and their anti-aliased coverage, or None when it covers no pixel by half.
+
+    Returns (ys, xs, dist, near, wid, alpha) with near = (segment, fraction) for `on_segment`.
+    """
+    hit = stroke_pixels(pts, widths, (h, w), starts)
     if hit is None:
         return None
-    ys, xs, dist, near = hit
-    wid = widths[near]
+    ys, xs, dist, seg, t = hit
+    near = (seg, t)
+    wid = on_segment(widths, seg, t)
     alpha = line_coverage(dist, wid)
     if not (alpha >= 0.5).any():
         return None
     return ys, xs, dist, near, wid, alpha
 
 
-def _local_grid(cx: float, cy: float, reach: float, h: int, w: int):
-    """Pixel-centre coordinates of the box cx +- reach, cy +- reach clipped to the image (None if outside)."""
-    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, w)
-    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, h)
+def _window(cx: float, cy: float, rx: float, ry: float, h: int, w: int):
+    """Pixel box cx +- rx, cy +- ry clipped to the image: (y0, y1, x0, x1, dy column, dx row), None if outside.
+
+    dy, dx are float32 pixel offsets from the centre (pixel index minus cx, cy), to broadcast over the box.
+    """
+    x0, x1 = max(int(cx - rx), 0), min(int(cx + rx) + 2, w)
+    y0, y1 = max(int(cy - ry), 0), min(int(cy + ry) + 2, h)
     if x1 <= x0 or y1 <= y0:
         return None
-    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-    return yy, xx
+    dx = (np.arange(x0, x1, dtype=np.float32) - np.float32(cx))[None, :]
+    dy = (np.arange(y0, y1, dtype=np.float32) - np.float32(cy))[:, None]
+    return y0, y1, x0, x1, dy, dx
 
 
 def _pit(img: np.ndarray, rng: np.random.Generator, scale: float):
@@ -180,34 +211,42 @@ def _pit(img: np.ndarray, rng: np.random.Generator, scale: float):
     light = rng.uniform(0.0, 2.0 * math.pi)
     rim_gain = rng.uniform(0.15, 0.45)
     slope = rng.uniform(0.5, 0.9)
-    grid = _local_grid(cx, cy, radius * 1.6 + 3, h, w)
-    if grid is None:
+    reach = radius * 1.6 + 3
+    box = _window(cx, cy, reach, reach, h, w)
+    if box is None:
         return None
-    yy, xx = grid
-    dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+    y0, y1, x0, x1, dy, dx = box
+    dx, dy = np.broadcast_arrays(dx, dy)
     rho = np.hypot(dx, dy)
-    inv = 1.0 / np.maximum(rho, np.float32(1e-6))
-    bound = radial_boundary(dx * inv, dy * inv, radius, amps, phases)
-    alpha = np.clip(bound - rho + 0.5, 0.0, 1.0)
+    bound = radial_boundary(dx, dy, radius, amps, phases)
+    alpha = bound - rho
+    alpha += np.float32(0.5)
+    clip(alpha, 0.0, 1.0, out=alpha)
     live = alpha > 0
     if not (alpha >= 0.5).any():
         return None
-    alpha, rho, bound, dx, dy = alpha[live], rho[live], bound[live], dx[live], dy[live]
-    ys, xs = yy[live].astype(np.int64), xx[live].astype(np.int64)
-    u = rho / bound
-    bowl = np.sqrt(np.clip(1.0 - u * u, 0.0, 1.0))
+    rough = None
+    if radius > 6:
+        # (the roughness scale snapped to half-octaves, so that it comes from a few noise banks)
+        coarse = 2.0 ** (round(2.0 * math.log2(max(radius / 3.0, 2.0))) / 2.0)
+        rough = texture_linear(y1 - y0, x1 - x0, rng, "fractal", coarse, 1.0, 0.55)[live]
+    vi, ui = np.nonzero(live)
+    alpha, rho, bound, dx, dy = alpha[vi, ui], rho[vi, ui], bound[vi, ui], dx[vi, ui], dy[vi, ui]
+    ys, xs = vi + y0, ui + x0
+    inv = 1.0 / bound
+    u = rho * inv
+    bowl = np.sqrt(clip(1.0 - u * u, 0.0, 1.0))
     # s > 0 on the wall nearest the light: that wall faces away from it and is in shadow, while the far
     # wall faces the light and can be brighter than the flat surface around the pit.
-    s = (dx * np.float32(math.cos(light)) + dy * np.float32(math.sin(light))) / bound
-    occlusion = 1.0 - depth * (0.25 + 0.75 * bowl)
-    shade = np.clip(occlusion * (1.0 - slope * s * (0.4 + 0.6 * u)), 0.03, 1.6)
-    rim = np.exp(-(((u - 0.88) / 0.12) ** 2)) * np.clip(-s, 0.0, 1.0) * rim_gain
-    if radius > 6:
-        rough = fractal_noise(*yy.shape, rng, coarse=max(radius / 3.0, 2.0), fine=1.0)[live]
+    s = (dx * np.float32(math.cos(light)) + dy * np.float32(math.sin(light))) * inv
+    occlusion = 1.0 - np.float32(depth) * (0.25 + 0.75 * bowl)
+    shade = clip(occlusion * (1.0 - np.float32(slope) * s * (0.4 + 0.6 * u)), 0.03, 1.6)
+    rim = np.exp(-(((u - 0.88) * np.float32(1 / 0.12)) ** 2)) * clip(-s, 0.0, 1.0) * np.float32(rim_gain)
+    if rough is not None:
         shade *= 1.0 + 0.12 * rough
     cur = img[ys, xs]
     target = cur * shade[:, None]
-    target += (255.0 - np.clip(target, 0.0, 255.0)) * rim[:, None]
+    target += (255.0 - clip(target, 0.0, 255.0)) * rim[:, None]
     params = {
         "center": [_r(cx), _r(cy)], "radius": _r(radius), "depth": _r(depth), "light_angle": _r(light),
         "rim": _r(rim_gain), "slope": _r(slope), "irregularity": [_r(a) for a in amps],
@@ -232,35 +271,79 @@ def _stain(img: np.ndarray, rng: np.random.Generator, scale: float):
     tint = palette[int(rng.integers(0, 3))] * (1.0 + rng.uniform(-0.06, 0.06, 3))
     if polarity == "light":  # efflorescence / bleaching is close to white, not tinted
         tint = 1.0 + (tint - 1.0) * 0.2
-    reach = radius * 1.5 + 2 * soft + 2
-    grid = _local_grid(cx, cy, reach, h, w)
-    if grid is None:
-        return None
-    yy, xx = grid
-    dx, dy = xx - np.float32(cx), yy - np.float32(cy)
     c, s = math.cos(rot), math.sin(rot)
-    ex, ey = dx * c + dy * s, (-dx * s + dy * c) / np.float32(aspect)
+    # Box of the rotated ellipse that holds every pixel the stain can reach: semi-axes `reach` along the
+    # major axis and sqrt(aspect) * reach across it (the boundary noise is scaled by 1 / sqrt(aspect)).
+    reach = radius * 1.5 + 2 * soft + 2
+    minor = reach * math.sqrt(aspect)
+    box = _window(cx, cy, math.hypot(reach * c, minor * s), math.hypot(reach * s, minor * c), h, w)
+    if box is None:
+        return None
+    y0, y1, x0, x1, _, _ = box
+    bh, bw = y1 - y0, x1 - x0
+    # Everything but the final smoothstep is smooth at the scale of a few pixels, so it is computed on a grid of
+    # every `step`-th pixel (about 24 steps per radius) and interpolated (bilinear) to the box. On that grid
+    # the noise scales are fixed, so the noise comes from the banks.
+    step = max(1.0, radius / 24.0)
+    gh, gw = int(math.ceil((bh - 1) / step)) + 2, int(math.ceil((bw - 1) / step)) + 2
+    dy = (np.arange(gh, dtype=np.float32) * np.float32(step) + np.float32(y0 - cy))[:, None]
+    dx = (np.arange(gw, dtype=np.float32) * np.float32(step) + np.float32(x0 - cx))[None, :]
+    ex = np.add(dy * np.float32(s), dx * np.float32(c))
+    ey = np.add(dy * np.float32(c / aspect), dx * np.float32(-s / aspect))
     rho = np.hypot(ex, ey)
-    inv = 1.0 / np.maximum(rho, np.float32(1e-6))
-    bound = radial_boundary(ex * inv, ey * inv, radius, amps, phases)
-    edge_noise = fractal_noise(*yy.shape, rng, coarse=max(radius / 2.0, 2.0), fine=max(radius / 24.0, 1.0))
-    sd = (bound - rho) * np.float32(aspect**0.5) + edge_noise * np.float32(0.08 * radius)
+    sa = np.float32(aspect**0.5)
+    sd = radial_boundary(ex, ey, radius * aspect**0.5, amps, phases)  # the signed distance to the edge
+    rho *= sa
+    sd -= rho
+    if step > 1.0:  # edge and inner noise: features from radius / 2 (/ 1.5) down to 2 grid steps
+        sd += texture_linear(gh, gw, rng, "fractal", 12.0, 2.0, 0.55, scale=0.08 * radius)
+        if not (sd >= -step).any():  # nothing reaches opacity 0.5
+            return None
+        inner = texture_linear(gh, gw, rng, "fractal", 16.0, 2.0, 0.55)
+    else:
+        edge_noise = fractal_noise(gh, gw, rng, coarse=max(radius / 2.0, 2.0), fine=max(radius / 24.0, 1.0))
+        edge_noise *= np.float32(0.08 * radius)
+        sd += edge_noise
+        if not (sd >= -step).any():
+            return None
+        inner = fractal_noise(gh, gw, rng, coarse=max(radius / 1.5, 2.0), fine=max(radius / 30.0, 1.0))
+    ring = sd * np.float32(1.0 / (0.08 * radius + soft))
+    np.square(ring, out=ring)
+    np.negative(ring, out=ring)
+    np.exp(ring, out=ring)
+    amount = inner
+    amount *= np.float32(0.25 * strength)
+    ring *= np.float32(0.35 * strength)
+    amount += ring
+    amount += np.float32(0.75 * strength)
+    clip(amount, 0.0, 0.9, out=amount)
+    sd = upsample(sd, step, bh, bw)
+    amount = upsample(amount, step, bh, bw)
     alpha = smoothstep(sd, -soft, soft)
-    live = alpha > 0
     if not (alpha >= 0.5).any():
         return None
-    inner = fractal_noise(*yy.shape, rng, coarse=max(radius / 1.5, 2.0), fine=max(radius / 30.0, 1.0))
-    ring = np.exp(-((sd / np.float32(0.08 * radius + soft)) ** 2))
-    amount = np.clip(strength * (0.75 + 0.25 * inner + 0.35 * ring), 0.0, 0.9)[live]
-    ys, xs = yy[live].astype(np.int64), xx[live].astype(np.int64)
-    cur = img[ys, xs]
-    shift = amount[:, None] * tint[None, :].astype(np.float32)
-    target = cur * (1.0 - np.clip(shift, 0, 0.95)) if polarity == "dark" else cur + (255.0 - cur) * shift
+    tint32 = tint.astype(np.float32)
+
+    def apply(window: np.ndarray, alpha: np.ndarray) -> None:
+        f = np.empty_like(alpha)
+        for ch in range(3):
+            np.multiply(amount, tint32[ch], out=f)
+            if polarity == "dark":  # towards cur * (1 - shift)
+                np.minimum(f, np.float32(0.95), out=f)
+                f *= alpha
+                np.subtract(np.float32(1.0), f, out=f)
+                window[..., ch] *= f
+            else:  # towards cur + (255 - cur) * shift
+                f *= alpha
+                t = np.subtract(np.float32(255.0), window[..., ch])
+                t *= f
+                window[..., ch] += t
+
     params = {
         "center": [_r(cx), _r(cy)], "radius": _r(radius), "aspect": _r(aspect), "rotation": _r(rot),
         "softness": _r(soft), "polarity": polarity, "strength": _r(strength), "tint": [_r(t) for t in tint],
     }  # fmt: skip
-    return ys, xs, alpha[live].astype(np.float32), target.astype(np.float32), params, 8.0 * max(1.0, scale)
+    return Dense(y0, x0, alpha, apply), params, 8.0 * max(1.0, scale)
 
 
 def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
@@ -273,7 +356,7 @@ def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
     # Fracture outline: a few straight facets between random vertices, roughened at pixel scale.
     n_v = int(rng.integers(4, 9))
     uv = np.sort(rng.uniform(-1.0, 1.0, n_v))
-    env = np.sqrt(np.clip(1.0 - uv**2, 0.0, 1.0))
+    env = np.sqrt(clip(1.0 - uv**2, 0.0, 1.0))
     vv = depth * env * rng.uniform(0.6, 1.15, n_v)
     u_knots = np.concatenate([[-1.0], uv, [1.0]]) * half + center
     v_knots = np.concatenate([[-0.05 * depth], vv, [-0.05 * depth]])
@@ -288,7 +371,7 @@ def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
     prof = prof.astype(np.float32)
     v = np.arange(vmax, dtype=np.float32)[:, None] + 0.5
     inside = prof[None, :] - v  # px from the fracture line, positive inside the chip
-    alpha = np.clip(inside + 0.5, 0.0, 1.0)
+    alpha = clip(inside + 0.5, 0.0, 1.0)
     live = alpha > 0
     if not (alpha >= 0.5).any():
         return None
@@ -304,14 +387,14 @@ def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
         ys, xs = ui, w - 1 - vi
     mode = "void" if rng.random() < 0.6 else "exposed"
     level = rng.uniform(12.0, 45.0) if mode == "void" else rng.uniform(0.45, 0.75)
-    rough = fractal_noise(vmax, u1 - u0, rng, coarse=6.0 * max(1.0, scale) ** 0.5, fine=1.0)[live]
+    rough = texture_linear(vmax, u1 - u0, rng, "fractal", 6.0 * max(1.0, scale) ** 0.5, 1.0, 0.55)[live]
     cur = img[ys, xs]
     fr = inside[live]
     lip = np.exp(-fr / np.float32(1.2 * max(1.0, scale) ** 0.5))  # thin band right at the fracture line
     if mode == "void":
         target = np.empty_like(cur)
         target[:] = (level * (1.0 + 0.25 * rough))[:, None]
-        target += (np.clip(cur, 0, 255) - target) * (0.55 * lip)[:, None]  # lit broken edge
+        target += (clip(cur, 0, 255) - target) * (0.55 * lip)[:, None]  # lit broken edge
     else:
         target = cur * (level * (1.0 + 0.2 * rough))[:, None]
         target *= (1.0 - 0.5 * lip)[:, None]  # shadowed fracture face
@@ -325,10 +408,12 @@ def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
 _DRAWERS = {"crack": _crack, "scratch": _scratch, "pit": _pit, "stain": _stain, "chip": _chip}
 
 
-def draw_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, dict]:
-    """Draw one defect of `kind` into `img` (float32 (H, W, 3), in place); return its footprint and params.
+def place_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one defect of `kind` into `img` (float32 (H, W, 3), in place): (ys, xs, params).
 
-    The footprint is True exactly where the defect's opacity is >= 0.5 and is never empty.
+    `ys, xs` list the footprint's pixels, each once: exactly those where the defect's opacity is >= 0.5,
+    never empty. Every pixel the defect changed lies within the kind's limit of them.
     """
     if kind not in _DRAWERS:
         raise ValueError(f"unknown defect kind '{kind}'; known kinds: {', '.join(DEFECT_KINDS)}")
@@ -342,11 +427,31 @@ def draw_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: flo
             break
     if drawn is None:  # 25 misses in a row does not happen for images >= 8 px; fail loudly rather than lie
         raise RuntimeError(f"could not place a {kind} in a {h}x{w} image")
+    if isinstance(drawn[0], Dense):
+        patch, params, limit = drawn
+        alpha = restrict_dense(patch.alpha, limit)
+        bh, bw = alpha.shape
+        patch.apply(img[patch.y0 : patch.y0 + bh, patch.x0 : patch.x0 + bw], alpha)
+        ys, xs = np.nonzero(alpha >= 0.5)
+        ys += patch.y0
+        xs += patch.x0
+        return ys, xs, {"kind": kind, **params, "area_px": int(ys.size)}
     ys, xs, alpha, target, params, limit = drawn
     alpha = restrict_to_footprint(ys, xs, alpha, limit)
     # Shading can overshoot (a lit pit wall on a bright surface); a blend of in-range colours stays in range.
-    blend(img, ys, xs, alpha, np.clip(target, 0.0, 255.0))
-    footprint = np.zeros((h, w), dtype=bool)
+    clip(target, 0.0, 255.0, out=target)
+    blend(img, ys, xs, alpha, target)
     fp = alpha >= 0.5
-    footprint[ys[fp], xs[fp]] = True
-    return footprint, {"kind": kind, **params, "area_px": int(fp.sum())}
+    ys, xs = ys[fp], xs[fp]
+    return ys, xs, {"kind": kind, **params, "area_px": int(ys.size)}
+
+
+def draw_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, dict]:
+    """Draw one defect of `kind` into `img` (float32 (H, W, 3), in place); return its footprint and params.
+
+    The footprint is True exactly where the defect's opacity is >= 0.5 and is never empty.
+    """
+    ys, xs, params = place_defect(kind, img, rng, scale)
+    footprint = np.zeros(img.shape[:2], dtype=bool)
+    footprint[ys, xs] = True
+    return footprint, params

@@ -104,9 +104,17 @@ def build_unet(image_size: int, num_classes: int, channels: list[int], layers_pe
                        norm_num_groups=norm_groups, attention_head_dim=head_dim)
 
 
-def training_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+
+
+def training_scheduler(num_train_timesteps: int = 1000, prediction_type: str = "v_prediction") -> DDPMScheduler:
+    """The DDPM schedule the model is trained with (saved with it; samplers are built from its config).
+
+    `clip_sample` keeps each step's clean-image estimate in [-1, 1] (DDIM honours it): an undertrained model's
+    estimate at high noise can be far outside, which otherwise ends as saturated colour noise.
+    """
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=prediction_type, clip_sample=True, clip_sample_range=1.0)
 
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, out: Path, info: dict) -> Path:

@@ -1,8 +1,12 @@
 """Shared rasterisation helpers for procedural surfaces and defects.
 
-Everything here is vectorised: noise comes from upsampling small random grids (a resize pyramid, so a
-fractal costs about one full-resolution resize), and defects are rasterised as sparse pixel lists on a
-local bounding box, never on the whole image.
+Everything here is vectorised and sized for a few milliseconds per 512x512 image:
+- smooth fields (features >= 4 px) come from a small resize pyramid sampled on a lattice of every k-th pixel
+  and interpolated linearly, never resized at full resolution (`smooth_rows`, `multiply_rows`);
+- fine textures and sensor noise are windows of noise banks: large fields built once per process from a
+  constant seed, at offsets drawn from the sample's own generator (`texture`, `texture_linear`,
+  `add_noise_to_uint8`); images over 1280 px synthesise their textures directly, so nothing repeats;
+- defects are rasterised as sparse pixel lists or on their local box, never on the whole image.
 """
 
 from __future__ import annotations
@@ -12,20 +16,24 @@ import math
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from scipy.spatial import cKDTree
-from scipy.special import ndtri
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
-# Inverse-CDF table: 16-bit uniform integers -> Gaussian. About 3x cheaper than standard_normal for the
-# multi-megapixel sensor-noise draws, and 65536 levels is far finer than the 8-bit output can resolve.
-_GAUSS_TABLE = ndtri((np.arange(65536, dtype=np.float64) + 0.5) / 65536.0).astype(np.float32)
+# Noise banks: large fixed fields built once per process from a constant seed, of which every sample takes
+# windows at offsets and flips drawn from its own generator. A sample stays a pure function of (config, index)
+# (the banks are the same in every process), and a window costs a copy instead of a full-resolution synthesis.
+_BANK_SEED = 0x5EED_BA4C
+_Q = 32.0  # bank values are round(32 * x) for unit-std x, stored as uint8 with an offset of 127 (+-3.97 std)
+_PAIR = 254  # index of zero in the sum of two bank values (0..508)
 
 
-def gaussian_noise(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Standard-normal float32 noise of `shape` (table lookup; deterministic for the rng state)."""
-    idx = rng.integers(0, 65536, size=shape, dtype=np.uint16)
-    return _GAUSS_TABLE[idx]
+def clip(a, lo, hi, out=None):
+    """np.clip(a, lo, hi, out=out); on small arrays without np.clip's Python-level dispatch (a few microseconds
+    a call, which adds up over the hundreds of small arrays a defect goes through)."""
+    if np.size(a) > 4096:
+        return np.clip(a, lo, hi, out=out)
+    out = np.maximum(a, lo, out=out)
+    return np.minimum(out, hi, out=out)
 
 
 def resize(arr: np.ndarray, height: int, width: int, method: str = "bicubic") -> np.ndarray:
@@ -34,6 +42,142 @@ def resize(arr: np.ndarray, height: int, width: int, method: str = "bicubic") ->
         return np.array(arr, dtype=np.float32)
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
     return np.array(img.resize((width, height), _RESAMPLE[method]), dtype=np.float32)
+
+
+def _pyramid(height: int, width: int, rng: np.random.Generator, coarse: float, fine: float, persistence: float):
+    """Random grid of a fractal's octaves from `coarse` down to about `fine` px: (grid, last cell, amp, pixel).
+
+    The grid holds the running sum at the last cell size, with a margin of one cell before the image and two
+    after it (the image's pixel (y, x) centre is at grid coordinate 1 + (y + 0.5) / cell). `pixel` says a
+    last, pixel-sized octave of amplitude `amp` is still to be added as white noise at full resolution.
+    """
+    fine = max(float(fine), 1.0)
+    coarse = max(float(coarse), fine)
+    levels = max(1, int(math.floor(math.log2(coarse / fine))) + 1)
+    pixel = levels > 1 and coarse / 2 ** (levels - 1) < 2.0
+    if pixel:
+        levels -= 1
+    cell = coarse
+    acc = rng.random((math.ceil(height / cell) + 3, math.ceil(width / cell) + 3), dtype=np.float32) - 0.5
+    amp = 1.0
+    for _ in range(levels - 1):
+        cell /= 2.0
+        gh, gw = math.ceil(height / cell) + 3, math.ceil(width / cell) + 3
+        acc = resize(acc, gh, gw)
+        amp *= persistence
+        acc += (rng.random((gh, gw), dtype=np.float32) - 0.5) * np.float32(amp)
+    return acc, cell, amp * persistence, pixel
+
+
+def _normalise(out: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    out -= np.float32(sample.mean())
+    out *= np.float32(1.0 / max(float(sample.std()), 1e-6))
+    return out
+
+
+def _row_step(cell: float) -> int:
+    """Row spacing at which a bicubic field of `cell`-px features can be interpolated linearly (1 = never)."""
+    k = 1
+    while k < 8 and 2 * k <= cell / 2.0:
+        k *= 2
+    return k
+
+
+def smooth_rows(height: int, width: int, rng: np.random.Generator, coarse: float, fine: float,
+                persistence: float = 0.55) -> tuple[np.ndarray, int]:
+    """A smooth fractal (features from `coarse` down to `fine` >= 4 px) sampled on every k-th row: (rows, k).
+
+    `rows[i]` is image row i * k (rows has (height - 1) // k + 2 rows, full width). Anything else smooth can
+    be added to it at that resolution before `expand_rows` interpolates the rows in between; zero-mean,
+    unit-std like `fractal_noise`.
+    """
+    acc, cell, _, _ = _pyramid(height, width, rng, coarse, max(float(fine), 1.0), persistence)
+    k = _row_step(cell)
+    hk = (height - 1) // k + 2
+    wk = (width - 1) // k + 2
+    # Bicubic from the grid to a lattice of every k-th pixel in both directions (tiny), then linear along x.
+    m = 1.0 / cell
+    o = 1.0 + 0.5 * m - 0.5 * k * m  # source coordinate of pixel 0's centre, minus half a lattice step
+    box = (o, o, o + wk * k * m, o + hk * k * m)
+    lattice = np.array(Image.fromarray(acc).resize((wk, hk), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
+    _normalise(lattice, lattice)
+    if k == 1:
+        return lattice[:, :width], 1
+    rows = np.empty((hk, (wk - 1) * k), dtype=np.float32)
+    view = rows.reshape(hk, wk - 1, k)
+    left = lattice[:, :-1]
+    diff = lattice[:, 1:] - left
+    view[:, :, 0] = left
+    for r in range(1, k):
+        np.multiply(diff, np.float32(r / k), out=view[:, :, r])
+        view[:, :, r] += left
+    return rows[:, :width], k
+
+
+def multiply_rows(out: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """out *= expand_rows(rows, k, height), in place, without building the expanded field."""
+    h = out.shape[0]
+    if k == 1:
+        out *= rows[:h]
+        return out
+    n = (h + k - 1) // k
+    top = rows[:n]
+    diff = rows[1 : n + 1] - top
+    tmp = np.empty_like(top)
+    for r in range(k):
+        sel = out[r::k]
+        m = sel.shape[0]
+        if r == 0:
+            sel *= top[:m]
+        else:
+            np.multiply(diff[:m], np.float32(r / k), out=tmp[:m])
+            tmp[:m] += top[:m]
+            sel *= tmp[:m]
+    return out
+
+
+def row_coords(height: int, width: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates normalised to about [-1, 1] on the longer side (centred), as a column vector for the
+    rows kept by `smooth_rows` (every k-th) and a row vector for all columns."""
+    s = 2.0 / max(height, width)
+    hk = (height - 1) // k + 2
+    y = ((np.arange(hk, dtype=np.float32) * k - (height - 1) / 2.0) * s)[:, None]
+    x = ((np.arange(width, dtype=np.float32) - (width - 1) / 2.0) * s)[None, :]
+    return y, x
+
+
+def expand_rows(rows: np.ndarray, k: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Linear interpolation of every-k-th-row samples back to `height` rows (float32, contiguous)."""
+    if k == 1:
+        if out is None:
+            return np.ascontiguousarray(rows[:height])
+        np.copyto(out, rows[:height])
+        return out
+    n = rows.shape[0] - 1
+    full = np.empty((n * k, rows.shape[1]), dtype=np.float32)
+    view = full.reshape(n, k, rows.shape[1])
+    diff = rows[1:] - rows[:-1]
+    top = rows[:-1]
+    for r in range(k):
+        if r == 0:
+            view[:, 0] = top
+        else:
+            np.multiply(diff, np.float32(r / k), out=view[:, r])
+            view[:, r] += top
+    if out is not None:
+        np.copyto(out, full[:height])
+        return out
+    return full[:height]
+
+
+def upsample(field: np.ndarray, step: float, height: int, width: int) -> np.ndarray:
+    """Bilinear interpolation of samples taken every `step` px (field[i, j] is pixel (i * step, j * step))."""
+    if step == 1:
+        return np.ascontiguousarray(field[:height, :width])
+    m = 1.0 / step
+    box = (0.5 - 0.5 * m, 0.5 - 0.5 * m, 0.5 - 0.5 * m + width * m, 0.5 - 0.5 * m + height * m)
+    img = Image.fromarray(np.ascontiguousarray(field, dtype=np.float32))
+    return np.array(img.resize((width, height), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
 def fractal_noise(
@@ -48,33 +192,250 @@ def fractal_noise(
 
     Built as a pyramid: each octave upsamples the running sum by 2 and adds a new random grid, so only
     the last step touches the full resolution. A pixel-level octave (fine < 2) is added as white noise
-    directly at full resolution instead of being resized.
+    directly at full resolution instead of being resized. A smooth field (finest octave >= 4 px) is
+    resized only on every few rows and linearly interpolated in between (see `smooth_rows`).
     """
     fine = max(float(fine), 1.0)
-    coarse = max(float(coarse), fine)
-    levels = max(1, int(math.floor(math.log2(coarse / fine))) + 1)
-    pixel_octave = levels > 1 and coarse / 2 ** (levels - 1) < 2.0
-    if pixel_octave:
-        levels -= 1
-    cell = coarse
-    acc = rng.random((math.ceil(height / cell) + 3, math.ceil(width / cell) + 3), dtype=np.float32) - 0.5
-    amp = 1.0
-    for _ in range(levels - 1):
-        cell /= 2.0
-        gh, gw = math.ceil(height / cell) + 3, math.ceil(width / cell) + 3
-        acc = resize(acc, gh, gw)
-        amp *= persistence
-        acc += (rng.random((gh, gw), dtype=np.float32) - 0.5) * np.float32(amp)
+    if fine >= 4.0 and height > 16:
+        rows, k = smooth_rows(height, width, rng, coarse, fine, persistence)
+        return expand_rows(rows, k, height)
+    acc, cell, amp, pixel = _pyramid(height, width, rng, coarse, fine, persistence)
     # Crop a one-cell margin so the grid edge (where bicubic clamps) stays outside the image.
     m = 1.0 / cell
     box = (1.0, 1.0, 1.0 + width * m, 1.0 + height * m)
     out = np.array(Image.fromarray(acc).resize((width, height), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
-    if pixel_octave:
-        out += (rng.random((height, width), dtype=np.float32) - 0.5) * np.float32(amp * persistence)
-    sub = out[:: max(1, height // 64), :: max(1, width // 64)]
-    out -= sub.mean()
-    out *= 1.0 / max(float(sub.std()), 1e-6)
+    if pixel:
+        out += (rng.random((height, width), dtype=np.float32) - 0.5) * np.float32(amp)
+    return _normalise(out, out[:: max(1, height // 64), :: max(1, width // 64)])
+
+
+def bank_side(height: int, width: int) -> int | None:
+    """Side of the square banks an image of this size draws from (about twice its longer side or more, so
+    that windows have room to differ), or None: synthesise it directly. Small images use small banks, which are quick to
+    build (a process builds the few dozen it needs once, on first use)."""
+    m = max(height, width)
+    for longest, side in ((128, 256), (256, 512), (640, 1024), (1280, 2048)):
+        if m <= longest:
+            return side
+    return None
+
+
+def _bank_rng(*key: float) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([_BANK_SEED, *(int(round(v * 1000)) for v in key)]))
+
+
+def _quantise(field: np.ndarray) -> np.ndarray:
+    q = np.rint(field * np.float32(_Q))
+    clip(q, -127, 127, out=q)
+    q += 127
+    return q.astype(np.uint8)
+
+
+def _pair_zmap(field: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """Values (509) that a sum-of-two-windows index stands for, matched to the distribution of one field.
+
+    Two independent windows summed have a more Gaussian histogram (heavier tails) than one fractal, which
+    would change how often a threshold (a pore, a speck) is crossed. Mapping each sum through the quantile
+    of a single field keeps the marginal distribution of `field` while the pattern comes from two windows.
+    """
+    n = bank.shape[0]
+    a = bank[: n // 2].astype(np.int32)
+    b = bank[n // 2 : 2 * (n // 2)][::-1, ::-1].astype(np.int32)
+    counts = np.bincount((a + b).ravel(), minlength=2 * _PAIR + 1).astype(np.float64)
+    cdf = np.cumsum(counts) / counts.sum()
+    mid = cdf - 0.5 * counts / counts.sum()
+    sample = np.sort(field[::3, ::3].ravel().astype(np.float64))
+    ranks = (np.arange(sample.size) + 0.5) / sample.size
+    return np.interp(mid, ranks, sample)
+
+
+_BANKS: dict[tuple, tuple[np.ndarray, np.ndarray, float]] = {}
+
+
+def _bank(recipe: str, side: int, *params: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """(uint8 bank, pair zmap, extra) for `recipe` at `side` px, built once per process from a fixed seed."""
+    key = (recipe, side, *params)
+    if key not in _BANKS:
+        rng = _bank_rng(len(recipe), side, *params)
+        extra = 1.0
+        if recipe in ("fractal", "slope"):
+            field, extra = _direct(side, side, rng, recipe, *params)
+        elif recipe == "streak":  # brushed lines along x: 1 px across, `length` px along, plus a broader set
+            length, broad = params
+            # (weights: those of the old affine-warped streaks, whose interpolation left about half the std)
+            field = 0.0248 * _streaks_x(side, side, rng, 1.0, length) + 0.0165 * _streaks_x(
+                side, side, rng, broad, 4.0 * length
+            )
+            extra = float(field.std())
+            field /= np.float32(extra)
+        else:
+            raise ValueError(f"unknown bank recipe '{recipe}'")
+        bank = _quantise(field)
+        _BANKS[key] = (bank, _pair_zmap(field, bank), extra)
+    return _BANKS[key]
+
+
+def _streaks_x(height: int, width: int, rng: np.random.Generator, across: float, along: float) -> np.ndarray:
+    """Unit-std noise of `across` x `along` px cells stretched along x (bilinear)."""
+    gh, gw = int(height / across) + 4, int(width / along) + 4
+    grid = rng.random((gh, gw), dtype=np.float32) - 0.5
+    box = (1.0, 1.0, 1.0 + width / along, 1.0 + height / across)
+    out = np.array(Image.fromarray(grid).resize((width, height), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+    return _normalise(out, out[::4, ::4])
+
+
+def _windows(bank: np.ndarray, height: int, width: int, rng: np.random.Generator, flip: bool = True):
+    """Two independent windows of (height, width) from a square bank, each at a random offset and (with
+    `flip`) row order. A directional texture (the slope of a lit relief) must not be flipped: that would
+    light it from the other side."""
+    side = bank.shape[0]
+    r = rng.integers(0, 1 << 30, size=6)
+    out = []
+    for j in (0, 3):
+        y0, x0 = int(r[j] % (side - height + 1)), int(r[j + 1] % (side - width + 1))
+        win = bank[y0 : y0 + height, x0 : x0 + width]
+        out.append(win[::-1] if flip and r[j + 2] & 1 else win)  # (a column flip would make the add 3x slower)
     return out
+
+
+def _direct(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float) -> tuple[np.ndarray, float]:
+    """A texture synthesised at the image's size (no bank): unit-std field and its recipe scale."""
+    if recipe == "fractal":
+        return fractal_noise(height, width, rng, *params), 1.0
+    if recipe == "slope":
+        hf = fractal_noise(height + 1, width + 1, rng, *params)
+        field = hf[1:, 1:] - hf[:-1, :-1]
+        extra = max(float(field[::4, ::4].std()), 1e-6)
+        field /= np.float32(extra)
+        return field, extra
+    raise ValueError(f"texture recipe '{recipe}' has no direct synthesis")
+
+
+def texture(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float,
+            side: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """A fine texture as bank indices, for a pointwise function of it: (uint16 index (height, width), zmap, extra).
+
+    The texture value of a pixel is `zmap[index]` (unit std); pass any function of it through `lookup`.
+    Images up to 1280 px draw the sum of two bank windows (see `_bank`); larger ones synthesise the field
+    directly (no repetition at any size), quantised the same way. `extra` is the recipe's scale (the std of
+    a slope or streak field before it was normalised).
+    """
+    side = side or bank_side(height, width)
+    if side is not None and max(height, width) <= side:
+        bank, zmap, extra = _bank(recipe, side, *params)
+        a, b = _windows(bank, height, width, rng, flip=recipe != "slope")
+        return np.add(a, b, dtype=np.uint16), zmap, extra
+    field, extra = _direct(height, width, rng, recipe, *params)
+    field *= np.float32(_Q * math.sqrt(2.0))
+    clip(field, -_PAIR, _PAIR, out=field)
+    field += np.float32(_PAIR + 0.5)
+    return field.astype(np.uint16), (np.arange(2 * _PAIR + 1) - _PAIR) / (_Q * math.sqrt(2.0)), extra
+
+
+def texture_linear(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float,
+                   scale: float = 1.0, offset: float = 0.0, side: int | None = None, transpose: bool = False
+                   ) -> np.ndarray:
+    """offset + scale * (a fine texture in the recipe's own units): float32 (height, width), no lookup.
+
+    From the banks this is the sum of two windows (its std is that of the recipe, its histogram a bit more
+    Gaussian, which does not matter for a texture used linearly). `transpose` draws from the bank turned by
+    90 degrees (kept as a contiguous copy), for anisotropic recipes.
+    """
+    side = side or bank_side(height, width)
+    if side is not None and max(height, width) <= side:
+        bank, _, extra = _bank(recipe, side, *params)
+        if transpose:
+            key = ("T", recipe, side, *params)
+            if key not in _BANKS:
+                _BANKS[key] = (np.ascontiguousarray(bank.T), None, extra)
+            bank = _BANKS[key][0]
+        a, b = _windows(bank, height, width, rng, flip=recipe != "slope")
+        out = np.add(a, b, dtype=np.float32)
+        k = scale * extra / (_Q * math.sqrt(2.0))
+        out *= np.float32(k)
+        out += np.float32(offset - 254.0 * k)
+        return out
+    field, extra = _direct(height, width, rng, recipe, *params)
+    field *= np.float32(scale * extra)
+    field += np.float32(offset)
+    return field
+
+
+def lookup(idx: np.ndarray, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """values[idx] as float32 (a texture through any pointwise function, in one pass)."""
+    return np.take(np.asarray(values, dtype=np.float32), idx, out=out, mode="clip")
+
+
+_SENSOR: dict[int, np.ndarray] = {}
+
+
+def _sensor_bank() -> np.ndarray:
+    """(1024, 3072) standard normals, stored as int8 in units of 1/32: interleaved RGB sensor noise, fixed per
+    process (3 MB; reading it costs no more than float32 would)."""
+    if 0 not in _SENSOR:
+        z = _bank_rng(0.001).standard_normal((1024, 3072), dtype=np.float32)
+        _SENSOR[0] = np.clip(np.rint(z * np.float32(_Q)), -127, 127).astype(np.int8)
+    return _SENSOR[0]
+
+
+def _noise_plan(height: int, width: int, rng: np.random.Generator):
+    """Bands of rows, each with tiles (x0, x1 in flattened RGB columns, bank row, bank column, sign) covering
+    the image. Every tile (at most half the bank each way) takes its own window of the bank at a random
+    offset and sign, so the tiles of a large image do not repeat each other."""
+    bank = _sensor_bank()
+    bh, bw = bank.shape
+    cols = 3 * width
+    ny = max(1, math.ceil(height / (bh // 2)))
+    nx = max(1, math.ceil(cols / (bw // 2)))
+    ty = [round(i * height / ny) for i in range(ny + 1)]
+    tx = [round(i * cols / nx) for i in range(nx + 1)]
+    r = rng.integers(0, 1 << 30, size=(ny, nx, 3))
+    bands = []
+    for i in range(ny):
+        y0, y1 = ty[i], ty[i + 1]
+        tiles = []
+        for j in range(nx):
+            x0, x1 = tx[j], tx[j + 1]
+            a, b, s = r[i, j]
+            tiles.append((x0, x1, int(a % (bh - (y1 - y0) + 1)), int(b % (bw - (x1 - x0) + 1)), 1.0 if s & 1 else -1.0))
+        bands.append((y0, y1, tiles))
+    return bank, bands
+
+
+def sensor_noise(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """Standard-normal float32 noise (height, width, 3), independent per pixel and channel, from the bank."""
+    bank, bands = _noise_plan(height, width, rng)
+    out = np.empty((height, 3 * width), dtype=np.float32)
+    for y0, y1, tiles in bands:
+        for x0, x1, by, bx, sign in tiles:
+            np.multiply(bank[by : by + y1 - y0, bx : bx + x1 - x0], np.float32(sign / _Q), out=out[y0:y1, x0:x1])
+    return out.reshape(height, width, 3)
+
+
+def add_noise_to_uint8(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """round(clip(img + sigma * sensor_noise)) as uint8 (H, W, 3), in cache-sized row blocks; img is not
+    changed. Same noise as `sensor_noise(h, w, rng)`; rounding is half-up."""
+    h, w = img.shape[:2]
+    bank, bands = _noise_plan(h, w, rng)
+    flat = img.reshape(h, 3 * w)
+    out = np.empty((h, 3 * w), dtype=np.uint8)
+    rows = max(1, 49152 // (3 * w))
+    t = np.empty((rows, 3 * w), dtype=np.float32)
+    for y0, y1, tiles in bands:
+        for ya in range(y0, y1, rows):
+            yb = min(ya + rows, y1)
+            tb = t[: yb - ya]
+            if sigma > 0:
+                for x0, x1, by, bx, sign in tiles:
+                    np.multiply(bank[by + ya - y0 : by + yb - y0, bx : bx + x1 - x0], np.float32(sign * sigma / _Q),
+                                out=tb[:, x0:x1])
+                tb += flat[ya:yb]
+            else:
+                tb[...] = flat[ya:yb]
+            tb += np.float32(0.5)
+            clip(tb, 0.0, 255.0, out=tb)
+            out[ya:yb] = tb
+    return out.reshape(h, w, 3)
 
 
 def fractal_1d(
@@ -96,24 +457,39 @@ def fractal_1d(
 
 
 def smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = np.clip((x - lo) * (1.0 / (hi - lo)), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    """Cubic step from 0 at `lo` to 1 at `hi` (a new array, of x's float type)."""
+    dt = x.dtype.type if x.dtype.kind == "f" else np.float64
+    t = np.subtract(x, dt(lo))
+    t *= dt(1.0 / (hi - lo))
+    clip(t, 0.0, 1.0, out=t)
+    u = np.multiply(t, dt(-2.0))
+    u += dt(3.0)
+    t *= t
+    t *= u
+    return t
 
 
-def radial_boundary(
-    cos_t: np.ndarray, sin_t: np.ndarray, radius: float, amps: np.ndarray, phases: np.ndarray
-) -> np.ndarray:
-    """Irregular roundish boundary r = radius * (1 + sum_k a_k cos(k theta + phi_k)), k = 2, 3, ...
+def radial_boundary(dx: np.ndarray, dy: np.ndarray, radius: float, amps: np.ndarray, phases: np.ndarray
+                    ) -> np.ndarray:
+    """Irregular roundish boundary r = radius * (1 + sum_k a_k cos(k theta + phi_k)), k = 2, 3, ..., at the
+    angle of each offset (dx, dy): one arctan2 and a table lookup instead of the harmonics per pixel.
 
-    Takes cos/sin of the angle and builds cos(k theta), sin(k theta) by recurrence: no arctan2 or cos
-    over the canvas.
+    The table holds the boundary at n angles (an inverse real FFT of the harmonics), with n such that
+    neighbouring entries are under 0.2 px apart along the boundary.
     """
-    r = np.ones_like(cos_t)
-    ck, sk = cos_t, sin_t
-    for a, p in zip(amps, phases, strict=True):
-        ck, sk = ck * cos_t - sk * sin_t, sk * cos_t + ck * sin_t
-        r += np.float32(a * math.cos(p)) * ck - np.float32(a * math.sin(p)) * sk
-    return np.float32(radius) * np.maximum(r, np.float32(0.45))
+    n = 256
+    while n < 4 * 2 * math.pi * radius * 1.6 and n < 1 << 16:
+        n *= 2
+    coef = np.zeros(n // 2 + 1, dtype=np.complex128)
+    k = np.arange(2, 2 + len(amps))
+    # entry j is the angle -pi + 2 pi j / n: the harmonics' phases shift by -k pi
+    coef[k] = 0.5 * n * np.asarray(amps) * np.exp(1j * (np.asarray(phases) - k * math.pi))
+    r = 1.0 + np.fft.irfft(coef, n)
+    table = (radius * np.maximum(np.append(r, r[0]), 0.45)).astype(np.float32)
+    ang = np.arctan2(dy, dx)
+    ang *= np.float32(n / (2.0 * math.pi))
+    ang += np.float32(n / 2.0 + 0.5)
+    return np.take(table, ang.astype(np.uint16 if n < 1 << 16 else np.int64), mode="clip")
 
 
 def resample_polyline(points: np.ndarray, spacing: float, *attrs: np.ndarray):
@@ -129,43 +505,95 @@ def resample_polyline(points: np.ndarray, spacing: float, *attrs: np.ndarray):
     return (pts, q / total, *(np.interp(q, s, a) for a in attrs))
 
 
-def stroke_pixels(points: np.ndarray, widths: np.ndarray, shape: tuple[int, int]):
-    """Pixels near a densely sampled polyline (xy, px) with per-point widths.
+_DISKS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    Returns (ys, xs, dist, nearest): image pixel coordinates within max half-width + 1.5 px of the line, their
-    distance to the nearest sample point and that point's index (None if nothing lands in the image).
+
+def _disk(reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer offsets (dy, dx) that can hold a pixel within `reach` of a point whose nearest pixel is (0, 0)."""
+    key = int(math.ceil(reach * 4))
+    if key not in _DISKS:
+        lim = key / 4 + 0.5 * math.sqrt(2.0)
+        n = int(math.ceil(lim))
+        dy, dx = np.mgrid[-n : n + 1, -n : n + 1]
+        keep = dy * dy + dx * dx <= lim * lim
+        _DISKS[key] = (dy[keep].astype(np.int64), dx[keep].astype(np.int64))
+    return _DISKS[key]
+
+
+def stroke_pixels(points: np.ndarray, widths: np.ndarray, shape: tuple[int, int], starts=()):
+    """Pixels near a polyline (xy vertices, about 1 px apart) with per-vertex widths.
+
+    `starts` lists the vertex indices where a new path begins (no segment joins the paths). Returns
+    (ys, xs, dist, seg, t): image pixels within max half-width + 1.5 px of the line, their exact distance to it,
+    and the nearest point on it as segment index and fraction along that segment (None if nothing lands in
+    the image). Every segment splats its distance to the pixels around it; a scatter-min over (distance,
+    segment) keys on a bbox canvas keeps the nearest segment of each pixel.
     """
     h, w = shape
     reach = float(widths.max()) / 2.0 + 1.5
-    r = int(math.ceil(reach))
-    # Candidate pixels: a square of offsets around every ~1 px sample, deduplicated on a bbox canvas.
-    step = max(1, int(round(1.0 / max(np.median(np.hypot(*np.diff(points, axis=0).T)), 1e-3))))
-    centres = np.rint(points[::step]).astype(np.int64)
-    x0 = max(int(centres[:, 0].min()) - r, 0)
-    y0 = max(int(centres[:, 1].min()) - r, 0)
-    x1 = min(int(centres[:, 0].max()) + r + 1, w)
-    y1 = min(int(centres[:, 1].max()) + r + 1, h)
+    a = points[:-1]
+    v = points[1:] - a
+    valid = np.ones(len(v), dtype=bool)
+    valid[[s - 1 for s in starts if 0 < s < len(points)]] = False
+    seg = np.flatnonzero(valid)
+    a, v = a[seg], v[seg]
+    half = 0.5 * float(np.sqrt((v * v).sum(axis=1)).max()) if len(seg) else 0.0
+    ody, odx = _disk(reach + half)
+    pad = int(ody.max())
+    mid = np.rint(a + 0.5 * v).astype(np.int64)
+    mx, my = mid[:, 0], mid[:, 1]
+    x0, x1 = max(int(mx.min()) - pad, 0), min(int(mx.max()) + pad + 1, w)
+    y0, y1 = max(int(my.min()) - pad, 0), min(int(my.max()) + pad + 1, h)
     if x1 <= x0 or y1 <= y0:
         return None
-    canvas = np.zeros((y1 - y0 + 2 * r, x1 - x0 + 2 * r), dtype=bool)
-    cx = centres[:, 0] - x0 + r
-    cy = centres[:, 1] - y0 + r
-    for dy in range(-r, r + 1):
-        yy = cy + dy
-        for dx in range(-r, r + 1):
-            xx = cx + dx
-            ok = (yy >= 0) & (xx >= 0) & (yy < canvas.shape[0]) & (xx < canvas.shape[1])
-            canvas[yy[ok], xx[ok]] = True
-    inner = canvas[r : r + y1 - y0, r : r + x1 - x0]
-    ys, xs = np.nonzero(inner)
-    if ys.size == 0:
+    near = (mx >= x0 - pad) & (mx < x1 + pad) & (my >= y0 - pad) & (my < y1 + pad)
+    seg, a, v, mx, my = seg[near], a[near], v[near], mx[near], my[near]
+    if seg.size == 0:
         return None
-    ys = ys + y0
-    xs = xs + x0
-    tree = cKDTree(points)
-    dist, nearest = tree.query(np.stack([xs, ys], axis=1).astype(np.float64), k=1, distance_upper_bound=reach)
-    ok = np.isfinite(dist)
-    return ys[ok], xs[ok], dist[ok].astype(np.float32), nearest[ok]
+    # Offset of each candidate pixel from the segment start, projected on the segment (clamped to its ends).
+    rx = odx.astype(np.float32)[None, :] + (mx - a[:, 0]).astype(np.float32)[:, None]
+    ry = ody.astype(np.float32)[None, :] + (my - a[:, 1]).astype(np.float32)[:, None]
+    vx, vy = v[:, 0].astype(np.float32)[:, None], v[:, 1].astype(np.float32)[:, None]
+    inv = (1.0 / np.maximum((v * v).sum(axis=1), 1e-12)).astype(np.float32)[:, None]
+    t = rx * vx
+    t += ry * vy
+    t *= inv
+    clip(t, 0.0, 1.0, out=t)
+    rx -= t * vx
+    ry -= t * vy
+    d2 = np.square(rx, out=rx)
+    d2 += np.square(ry, out=ry)
+    ok = d2 <= np.float32(reach * reach)
+    if mx.min() - pad < x0 or my.min() - pad < y0 or mx.max() + pad >= x1 or my.max() + pad >= y1:
+        px = mx[:, None] + odx[None, :]
+        py = my[:, None] + ody[None, :]
+        ok &= (px >= x0) & (px < x1) & (py >= y0) & (py < y1)
+    if not ok.any():
+        return None
+    cw = x1 - x0
+    cell = ((my - y0) * cw + (mx - x0))[:, None] + (ody * cw + odx)[None, :]
+    # key = quantised squared distance (high bits) | segment index (low 24 bits): the min is the nearest one
+    d2 *= np.float32((1 << 30) / (reach * reach))
+    key = d2.astype(np.int64)
+    key <<= 24
+    key |= seg[:, None]
+    canvas = np.full((y1 - y0) * cw, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(canvas, cell[ok], key[ok])
+    pix = np.flatnonzero(canvas != np.iinfo(np.int64).max)
+    s = canvas[pix] & ((1 << 24) - 1)
+    ys = pix // cw + y0
+    xs = pix % cw + x0
+    # Exact distance and position along the nearest segment, in float64.
+    sa, sv = points[s], points[s + 1] - points[s]
+    qx, qy = xs - sa[:, 0], ys - sa[:, 1]
+    tt = clip((qx * sv[:, 0] + qy * sv[:, 1]) / np.maximum((sv * sv).sum(axis=1), 1e-12), 0.0, 1.0)
+    dist = np.hypot(qx - tt * sv[:, 0], qy - tt * sv[:, 1]).astype(np.float32)
+    return ys, xs, dist, s, tt
+
+
+def on_segment(values: np.ndarray, seg: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per-vertex `values` interpolated at fraction t of segment seg (as returned by `stroke_pixels`)."""
+    return values[seg] + t * (values[seg + 1] - values[seg])
 
 
 def line_coverage(dist: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -174,7 +602,7 @@ def line_coverage(dist: np.ndarray, width: np.ndarray) -> np.ndarray:
     Lines thinner than 1 px fade in proportion to their width, so a 0.5 px tip never reaches opacity 0.5.
     """
     half = 0.5 * width
-    return (np.clip(half + 0.5 - dist, 0.0, 1.0) * np.clip(width, 0.0, 1.0)).astype(np.float32)
+    return (clip(half + 0.5 - dist, 0.0, 1.0) * clip(width, 0.0, 1.0)).astype(np.float32)
 
 
 _DISK_OFFSETS: dict[int, list[tuple[int, int]]] = {}
@@ -217,6 +645,30 @@ def restrict_to_footprint(ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, rad
     out = alpha.copy()
     out[np.flatnonzero(faint)[~near]] = 0.0
     return out
+
+
+def restrict_dense(alpha: np.ndarray, radius: float) -> np.ndarray:
+    """`restrict_to_footprint` for an opacity box that holds every pixel the defect touches (in place)."""
+    fp = alpha >= 0.5
+    faint = alpha > 0
+    faint &= ~fp
+    if not faint.any():
+        return alpha
+    if radius <= 3:
+        pad = int(radius) + 1
+        canvas = np.zeros((fp.shape[0] + 2 * pad, fp.shape[1] + 2 * pad), dtype=bool)
+        canvas[pad:-pad, pad:-pad] = fp
+        fy, fx = np.nonzero(faint)
+        near = np.zeros(fy.size, dtype=bool)
+        for dy, dx in _disk_offsets(int(radius)):
+            near |= canvas[fy + pad + dy, fx + pad + dx]
+        alpha[fy[~near], fx[~near]] = 0.0
+        return alpha
+    # Chamfer (taxicab) distance never underestimates the Euclidean one, so this cut is conservative.
+    dist = ndimage.distance_transform_cdt(~fp, metric="taxicab")
+    faint &= dist > radius
+    alpha[faint] = 0.0
+    return alpha
 
 
 def blend(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, target: np.ndarray) -> None:

@@ -13,8 +13,9 @@ metrics.jsonl). Each training sample becomes an inpainting task (synth/diffusion
 - with probability `full_prob`: the region is the whole image (condition: the picked class, or background),
   which is what `backend=refine` (SDEdit) runs.
 
-The loss is the noise-prediction MSE, weighted 1 inside the region and `outside_weight` outside (outside, the
-blanked-image input gives the answer away). Shards from several folders (procedural, imported real ones)
+The loss is the MSE of the UNet's prediction (`prediction`: v, the default, stays well-behaved at every
+noise level; noise; or the clean image), weighted 1 inside the region and `outside_weight` outside (outside,
+the blanked-image input gives the answer away). Shards from several folders (procedural, imported real ones)
 are read in turn; their classes are merged by name. The result is `RUN/pipeline`, a diffusers pipeline
 folder (`save_pretrained`) with the EMA weights when `ema` is on, that `synth generate backend=inpaint` loads.
 """
@@ -40,7 +41,7 @@ from pretrain.tracking import class_palette, mask_grid
 
 from . import __version__
 from .config import require
-from .diffusion import DefectInpaintPipeline, build_unet, save_pipeline, training_scheduler
+from .diffusion import PREDICTION_TYPES, DefectInpaintPipeline, build_unet, save_pipeline, training_scheduler
 from .reader import make_dataset
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class DiffusionTrainConfig(AugmentKeys):
     head_dim: int = 32  # channels per attention head
     norm_groups: int = 32
     num_train_timesteps: int = 1000
+    prediction: str = "v_prediction"  # what the UNet predicts: v_prediction | epsilon (noise) | sample (clean image)
     # task
     dilation: int = 2
     full_prob: float = 0.2
@@ -112,6 +114,8 @@ class DiffusionTrainConfig(AugmentKeys):
         require(isinstance(self.head_dim, int) and self.head_dim >= 1 and ch[-1] % self.head_dim == 0, "head_dim",
                 self.head_dim, f"a divisor of the last channel count {ch[-1]}")
         require(self.layers_per_block >= 1, "layers_per_block", self.layers_per_block, "an integer >= 1")
+        require(self.prediction in PREDICTION_TYPES, "prediction", self.prediction,
+                f"one of {', '.join(PREDICTION_TYPES)}")
         require(self.num_train_timesteps >= 10, "num_train_timesteps", self.num_train_timesteps, "an integer >= 10")
         require(isinstance(self.dilation, int) and 0 <= self.dilation <= 64, "dilation", self.dilation,
                 "an integer in [0, 64]")
@@ -162,15 +166,19 @@ def make_regions(masks: torch.Tensor, cfg: DiffusionTrainConfig) -> tuple[torch.
 def denoising_loss(unet, scheduler, images: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
                    outside_weight: float, noise: torch.Tensor | None = None,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """Noise-prediction MSE of the inpainting task; images in [0, 1]."""
+    """MSE of the inpainting task on the scheduler's prediction type (v, noise or clean image); images in [0, 1]."""
     x0 = images * 2 - 1
     noise = torch.randn_like(x0) if noise is None else noise
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
     xt = scheduler.add_noise(x0, noise, timesteps)
-    eps = unet(torch.cat([xt, region, x0 * (1 - region)], dim=1), timesteps, class_labels=labels).sample
+    out = unet(torch.cat([xt, region, x0 * (1 - region)], dim=1), timesteps, class_labels=labels).sample
+    kind = scheduler.config.prediction_type
+    target = {"epsilon": noise, "sample": x0}.get(kind)
+    if target is None:
+        target = scheduler.get_velocity(x0, noise, timesteps)
     weight = region + outside_weight * (1 - region)
-    return ((eps.float() - noise) ** 2 * weight).sum() / (weight.sum() * 3).clamp_min(1.0)
+    return ((out.float() - target) ** 2 * weight).sum() / (weight.sum() * 3).clamp_min(1.0)
 
 
 def sample_grid(unet, scheduler, images: torch.Tensor, region: torch.Tensor, labels: torch.Tensor,
@@ -200,7 +208,7 @@ def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, p
 
     unet = build_unet(cfg.image_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention,
                       cfg.norm_groups, cfg.head_dim)
-    noise_scheduler = training_scheduler(cfg.num_train_timesteps)
+    noise_scheduler = training_scheduler(cfg.num_train_timesteps, cfg.prediction)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     model, optimizer = acc.prepare(unet, optimizer)
