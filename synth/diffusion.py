@@ -209,11 +209,15 @@ def windows(region: np.ndarray, patch: int) -> list[Window]:
 
 
 def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Boolean mask grown by a (2r+1)^2 square (max pooling)."""
+    """Boolean mask grown by a (2r+1)^2 square: separable max pooling (a row pass, then a column pass), so the
+    cost grows with r, not r^2 (refine grows 4K masks by 64 px: 2 s instead of minutes)."""
     if radius <= 0:
         return mask.astype(bool)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.max_pool2d(t, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0).numpy()
+    k = 2 * radius + 1
+    t = F.max_pool2d(t, (1, k), stride=1, padding=(0, radius))
+    t = F.max_pool2d(t, (k, 1), stride=1, padding=(radius, 0))
+    return (t[0, 0] > 0).numpy()
 
 
 def _pad_to(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:

@@ -270,3 +270,15 @@ def test_two_accelerate_processes_train_one_pipeline(trained: Path, tmp_path: Pa
     assert info["classes"] == ["background", "crack", "pit", "scratch"]
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def test_dilate_grows_by_a_square_of_side_2r_plus_1() -> None:
+    mask = np.zeros((40, 50), dtype=bool)
+    mask[10, 20] = True
+    mask[30, 5] = True
+    grown = dilate(mask, 3)
+    expected = np.zeros_like(mask)
+    expected[7:14, 17:24] = True
+    expected[27:34, 2:9] = True
+    assert np.array_equal(grown, expected)
+    assert np.array_equal(dilate(mask, 0), mask)
