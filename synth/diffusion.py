@@ -281,13 +281,15 @@ class Diffuser:
         generator = sample_generator(self.cfg.seed, meta["index"])
         classes = ["background", *self.cfg.defects]
         out = image.copy()
+        # pixels per class in one pass (np.unique would sort the whole mask: ~0.5 s at 4K)
+        counts = np.bincount(mask.ravel(), minlength=len(classes))
         windows_done = 0
         if self.cfg.backend == "refine":
-            windows_done = self._refine(out, mask, meta, classes, generator)
+            windows_done = self._refine(out, mask, counts, classes, generator)
         else:
-            for class_id in sorted(int(v) for v in np.unique(mask) if v > 0):
+            for class_id in np.flatnonzero(counts[1:]) + 1:
                 region = dilate(mask == class_id, self.cfg.dilation)
-                windows_done += self._inpaint(out, region, classes[class_id], generator)
+                windows_done += self._inpaint(out, region, classes[int(class_id)], generator)
         meta = {**meta, "source": self.cfg.backend,
                 "diffusion": {**self.settings(), "windows": windows_done}}
         return out, meta
@@ -311,7 +313,7 @@ class Diffuser:
             tile[reg] = gen[reg]  # outside the region the procedural pixels stay, byte for byte
         return len(wins)
 
-    def _refine(self, out: np.ndarray, mask: np.ndarray, meta: dict, classes: list[str],
+    def _refine(self, out: np.ndarray, mask: np.ndarray, counts: np.ndarray, classes: list[str],
                 generator: torch.Generator) -> int:
         h, w = mask.shape
         patch = self.cfg.patch_size
@@ -319,8 +321,8 @@ class Diffuser:
             region = np.ones_like(mask, dtype=bool)
         else:
             region = dilate(mask > 0, patch // 4)
-        present = [classes[int(v)] for v in np.unique(mask) if v > 0]
-        dominant = max(present, key=lambda c: int((mask == classes.index(c)).sum())) if present else "background"
+        # the largest defect class (the lowest on a tie), background for an image without defect
+        dominant = classes[int(np.argmax(counts[1:])) + 1] if counts[1:].any() else "background"
         label = self._class_label(dominant)
         wins = windows(region, patch)
         for win in wins:
