@@ -1,7 +1,7 @@
 """Segmentation fine-tuning on the shared Accelerate loop (`pretrain/loop.py`).
 
 Per optimizer step: `grad_accum` random `crop_size` crops from the training shards (a deterministic
-`train_samples` subset when asked) -> kornia augmentation of image and mask alike -> normalisation ->
+`train_samples` subset when asked) -> augmentation of image and mask alike -> normalisation ->
 cross-entropy (+ Dice or focal) -> AdamW on the unfrozen parameters. Validation runs on whole images
 (padded to the model's stride; images larger than `val_max_size` in tiles of that size).
 """

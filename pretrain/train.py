@@ -1,6 +1,6 @@
 """Pretraining, driven by Accelerate: one process with `python -m pretrain`, many with `accelerate launch`.
 
-Per optimizer step on every process: `grad_accum` batches from the shard stream -> kornia augmentation
+Per optimizer step on every process: `grad_accum` batches from the shard stream -> augmentation
 (image and mask alike) -> labels from the augmented masks -> CutMix/Mixup (masks included) -> normalisation
 -> BCE on the multi-label logits (+ cross-entropy of the dense head) -> AdamW, clipping, cosine schedule.
 

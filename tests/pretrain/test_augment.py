@@ -1,4 +1,4 @@
-"""Kornia augmentations: same geometry for image and mask, masks stay class-index maps, seeding, config errors."""
+"""Device augmentations: shared geometry for image and mask, class-index masks, colour jitter, seeding, errors."""
 
 from __future__ import annotations
 
@@ -101,6 +101,56 @@ def test_color_jitter_changes_the_image_only() -> None:
     assert torch.equal(out_masks, masks)
     assert not torch.allclose(out, images)
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_adjust_colors_equals_torchvision_where_nothing_clips() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from pretrain.augment import adjust_colors
+
+    torch.manual_seed(3)
+    images = 0.35 + 0.3 * torch.rand(4, 3, 20, 24)  # mid-range: no step of torchvision's clips
+    brightness = torch.tensor([0.8, 1.0, 1.1, 1.2])
+    contrast = torch.tensor([1.2, 0.8, 1.0, 0.9])
+    saturation = torch.tensor([0.9, 1.1, 1.05, 1.0])
+    out = adjust_colors(images, brightness, contrast, saturation)
+    for i in range(4):
+        ref = TF.adjust_brightness(images[i], float(brightness[i]))
+        ref = TF.adjust_contrast(ref, float(contrast[i]))
+        ref = TF.adjust_saturation(ref, float(saturation[i]))
+        assert torch.allclose(out[i], ref, atol=1e-5), i
+
+
+def test_color_jitter_scales_gray_by_brightness_and_keeps_luma_ratio() -> None:
+    from pretrain.augment import LUMA, adjust_colors
+
+    gray = torch.full((2, 3, 8, 8), 0.4)
+    gray[1] = torch.linspace(0.2, 0.6, 64).view(8, 8)  # a neutral ramp
+    factors = torch.tensor([0.85, 1.15])
+    out = adjust_colors(gray, factors, torch.tensor([1.2, 0.8]), torch.tensor([0.9, 1.1]))
+    # a neutral image stays neutral; contrast moves values about the mean, which brightness scaled
+    assert torch.allclose(out[0], 0.4 * 0.85 * torch.ones(3, 8, 8), atol=1e-6)
+    assert torch.allclose(out[1, 0], out[1, 2], atol=1e-6)
+    luma = torch.tensor(LUMA).view(1, 3, 1, 1)
+    colour = 0.3 + 0.4 * torch.rand(2, 3, 16, 16)
+    out = adjust_colors(colour, factors, torch.tensor([1.1, 0.9]), torch.tensor([0.9, 1.1]))
+    ratio = (out * luma).sum(1).mean((1, 2)) / (colour * luma).sum(1).mean((1, 2))
+    assert torch.allclose(ratio, factors, atol=1e-5)  # contrast and saturation keep the mean luma
+
+
+def test_color_jitter_probability_and_hue() -> None:
+    images, masks = _marked_batch(size=(32, 32))
+    images = 0.3 + 0.4 * torch.rand_like(images)
+    none = build_augment(AugmentConfig(hflip=0, vflip=0, rot90=0, color_jitter=0.0, resized_crop=False), (32, 32))
+    assert none.color_jitter == 0 and torch.equal(augment_batch(none, images, masks)[0], images)
+    hue = build_augment(AugmentConfig(hflip=0, vflip=0, rot90=0, color_jitter=1.0, hue_jitter=0.5,
+                                      resized_crop=False), (32, 32))
+    assert hue.hue is not None
+    torch.manual_seed(1)
+    out, _ = augment_batch(hue, images, masks)
+    # with only brightness/contrast/saturation every pixel keeps its channel order; a hue shift reorders some
+    order_in = images.argmax(1)
+    assert (out.argmax(1) != order_in).float().mean() > 0.1
 
 
 def test_output_images_are_clamped() -> None:
