@@ -156,9 +156,12 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    """A name drawn with probability proportional to its weight (what `rng.choice(n, p=...)` does, and the same
+    draw: one uniform through the cumulative weights, without choice's argument checks)."""
     names = list(weights)
-    p = np.array([weights[n] for n in names], dtype=np.float64)
-    return names[int(rng.choice(len(names), p=p / p.sum()))]
+    cdf = np.cumsum([weights[n] for n in names], dtype=np.float64)
+    cdf /= cdf[-1]
+    return names[min(int(cdf.searchsorted(rng.random(), side="right")), len(names) - 1)]
 
 
 def render_sample(cfg: SynthConfig, index: int, backgrounds: list[Path] | None = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from synth import kernels
 from synth.raster import (
     blend,
     clip,
@@ -325,19 +326,8 @@ def _stain(img: np.ndarray, rng: np.random.Generator, scale: float):
     tint32 = tint.astype(np.float32)
 
     def apply(window: np.ndarray, alpha: np.ndarray) -> None:
-        f = np.empty_like(alpha)
-        for ch in range(3):
-            np.multiply(amount, tint32[ch], out=f)
-            if polarity == "dark":  # towards cur * (1 - shift)
-                np.minimum(f, np.float32(0.95), out=f)
-                f *= alpha
-                np.subtract(np.float32(1.0), f, out=f)
-                window[..., ch] *= f
-            else:  # towards cur + (255 - cur) * shift
-                f *= alpha
-                t = np.subtract(np.float32(255.0), window[..., ch])
-                t *= f
-                window[..., ch] += t
+        # dark: towards cur * (1 - shift); light: towards cur + (255 - cur) * shift (one compiled pass)
+        kernels.stain(window, alpha, amount, tint32, polarity == "dark")
 
     params = {
         "center": [_r(cx), _r(cy)], "radius": _r(radius), "aspect": _r(aspect), "rotation": _r(rot),
@@ -438,8 +428,7 @@ def place_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: fl
         return ys, xs, {"kind": kind, **params, "area_px": int(ys.size)}
     ys, xs, alpha, target, params, limit = drawn
     alpha = restrict_to_footprint(ys, xs, alpha, limit)
-    # Shading can overshoot (a lit pit wall on a bright surface); a blend of in-range colours stays in range.
-    clip(target, 0.0, 255.0, out=target)
+    # Shading can overshoot (a lit pit wall on a bright surface): blend clips the target to [0, 255].
     blend(img, ys, xs, alpha, target)
     fp = alpha >= 0.5
     ys, xs = ys[fp], xs[fp]

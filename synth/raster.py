@@ -1,8 +1,10 @@
 """Shared rasterisation helpers for procedural surfaces and defects.
 
-Everything here is vectorised and sized for a few milliseconds per 512x512 image:
+Everything here is vectorised (numpy, or one compiled pass of synth/kernels.py) and sized for a few
+milliseconds per 512x512 image:
 - smooth fields (features >= 4 px) come from a small resize pyramid sampled on a lattice of every k-th pixel
-  and interpolated linearly, never resized at full resolution (`smooth_rows`, `multiply_rows`);
+  and interpolated bilinearly, never resized at full resolution (`smooth_lattice`; the surface's RGB pass
+  in synth/kernels.py interpolates the lattice as it goes);
 - fine textures and sensor noise are windows of noise banks: large fields built once per process from a
   constant seed, at offsets drawn from the sample's own generator (`texture`, `texture_linear`,
   `add_noise_to_uint8`); images over 1280 px synthesise their textures directly, so nothing repeats;
@@ -16,6 +18,8 @@ import math
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from . import kernels
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -83,91 +87,44 @@ def _row_step(cell: float) -> int:
     return k
 
 
-def smooth_rows(height: int, width: int, rng: np.random.Generator, coarse: float, fine: float,
-                persistence: float = 0.55) -> tuple[np.ndarray, int]:
-    """A smooth fractal (features from `coarse` down to `fine` >= 4 px) sampled on every k-th row: (rows, k).
+def smooth_lattice(height: int, width: int, rng: np.random.Generator, coarse: float, fine: float,
+                   persistence: float = 0.55) -> tuple[np.ndarray, int]:
+    """A smooth fractal (features from `coarse` down to `fine` >= 4 px) on a lattice of every k-th pixel: (lat, k).
 
-    `rows[i]` is image row i * k (rows has (height - 1) // k + 2 rows, full width). Anything else smooth can
-    be added to it at that resolution before `expand_rows` interpolates the rows in between; zero-mean,
-    unit-std like `fractal_noise`.
+    `lat[i, j]` is pixel (i * k, j * k) (lat has (height - 1) // k + 2 rows and (width - 1) // k + 2 columns),
+    zero-mean and unit-std like `fractal_noise`. Anything else smooth can be added to it on the lattice
+    (`lattice_coords`) before `expand_lattice` or a kernel of synth/kernels.py interpolates it bilinearly to
+    every pixel; k is at most 8 and at most a quarter of the finest feature, where bilinear and bicubic
+    interpolation of the field differ by well under a grey level.
     """
     acc, cell, _, _ = _pyramid(height, width, rng, coarse, max(float(fine), 1.0), persistence)
     k = _row_step(cell)
     hk = (height - 1) // k + 2
     wk = (width - 1) // k + 2
-    # Bicubic from the grid to a lattice of every k-th pixel in both directions (tiny), then linear along x.
+    # Bicubic from the grid to the lattice (tiny); the image pixels in between are bilinear.
     m = 1.0 / cell
     o = 1.0 + 0.5 * m - 0.5 * k * m  # source coordinate of pixel 0's centre, minus half a lattice step
     box = (o, o, o + wk * k * m, o + hk * k * m)
     lattice = np.array(Image.fromarray(acc).resize((wk, hk), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
-    _normalise(lattice, lattice)
-    if k == 1:
-        return lattice[:, :width], 1
-    rows = np.empty((hk, (wk - 1) * k), dtype=np.float32)
-    view = rows.reshape(hk, wk - 1, k)
-    left = lattice[:, :-1]
-    diff = lattice[:, 1:] - left
-    view[:, :, 0] = left
-    for r in range(1, k):
-        np.multiply(diff, np.float32(r / k), out=view[:, :, r])
-        view[:, :, r] += left
-    return rows[:, :width], k
+    return _normalise(lattice, lattice), k
 
 
-def multiply_rows(out: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """out *= expand_rows(rows, k, height), in place, without building the expanded field."""
-    h = out.shape[0]
-    if k == 1:
-        out *= rows[:h]
-        return out
-    n = (h + k - 1) // k
-    top = rows[:n]
-    diff = rows[1 : n + 1] - top
-    tmp = np.empty_like(top)
-    for r in range(k):
-        sel = out[r::k]
-        m = sel.shape[0]
-        if r == 0:
-            sel *= top[:m]
-        else:
-            np.multiply(diff[:m], np.float32(r / k), out=tmp[:m])
-            tmp[:m] += top[:m]
-            sel *= tmp[:m]
-    return out
-
-
-def row_coords(height: int, width: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates normalised to about [-1, 1] on the longer side (centred), as a column vector for the
-    rows kept by `smooth_rows` (every k-th) and a row vector for all columns."""
+def lattice_coords(height: int, width: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates normalised to about [-1, 1] on the longer side (centred) at the lattice points of
+    `smooth_lattice`: a column vector for the rows (every k-th) and a row vector for the columns (every k-th)."""
     s = 2.0 / max(height, width)
     hk = (height - 1) // k + 2
+    wk = (width - 1) // k + 2
     y = ((np.arange(hk, dtype=np.float32) * k - (height - 1) / 2.0) * s)[:, None]
-    x = ((np.arange(width, dtype=np.float32) - (width - 1) / 2.0) * s)[None, :]
+    x = ((np.arange(wk, dtype=np.float32) * k - (width - 1) / 2.0) * s)[None, :]
     return y, x
 
 
-def expand_rows(rows: np.ndarray, k: int, height: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Linear interpolation of every-k-th-row samples back to `height` rows (float32, contiguous)."""
-    if k == 1:
-        if out is None:
-            return np.ascontiguousarray(rows[:height])
-        np.copyto(out, rows[:height])
-        return out
-    n = rows.shape[0] - 1
-    full = np.empty((n * k, rows.shape[1]), dtype=np.float32)
-    view = full.reshape(n, k, rows.shape[1])
-    diff = rows[1:] - rows[:-1]
-    top = rows[:-1]
-    for r in range(k):
-        if r == 0:
-            view[:, 0] = top
-        else:
-            np.multiply(diff, np.float32(r / k), out=view[:, r])
-            view[:, r] += top
-    if out is not None:
-        np.copyto(out, full[:height])
-        return out
-    return full[:height]
+def expand_lattice(lattice: np.ndarray, k: int, height: int, width: int) -> np.ndarray:
+    """The (height, width) float32 field that `lattice` (every k-th pixel) samples, interpolated bilinearly."""
+    out = np.empty((height, width), dtype=np.float32)
+    kernels.expand_lattice(np.ascontiguousarray(lattice, dtype=np.float32), k, out)
+    return out
 
 
 def upsample(field: np.ndarray, step: float, height: int, width: int) -> np.ndarray:
@@ -193,12 +150,11 @@ def fractal_noise(
     Built as a pyramid: each octave upsamples the running sum by 2 and adds a new random grid, so only
     the last step touches the full resolution. A pixel-level octave (fine < 2) is added as white noise
     directly at full resolution instead of being resized. A smooth field (finest octave >= 4 px) is
-    resized only on every few rows and linearly interpolated in between (see `smooth_rows`).
+    resized only to a lattice of every few pixels and interpolated in between (see `smooth_lattice`).
     """
     fine = max(float(fine), 1.0)
     if fine >= 4.0 and height > 16:
-        rows, k = smooth_rows(height, width, rng, coarse, fine, persistence)
-        return expand_rows(rows, k, height)
+        return expand_lattice(*smooth_lattice(height, width, rng, coarse, fine, persistence), height, width)
     acc, cell, amp, pixel = _pyramid(height, width, rng, coarse, fine, persistence)
     # Crop a one-cell margin so the grid edge (where bicubic clamps) stays outside the image.
     m = 1.0 / cell
@@ -284,18 +240,27 @@ def _streaks_x(height: int, width: int, rng: np.random.Generator, across: float,
     return _normalise(out, out[::4, ::4])
 
 
-def _windows(bank: np.ndarray, height: int, width: int, rng: np.random.Generator, flip: bool = True):
+def _windows(bank: np.ndarray, height: int, width: int, rng: np.random.Generator, flip: bool = True
+             ) -> tuple[int, int, bool, int, int, bool]:
     """Two independent windows of (height, width) from a square bank, each at a random offset and (with
-    `flip`) row order. A directional texture (the slope of a lit relief) must not be flipped: that would
-    light it from the other side."""
+    `flip`) row order, as (row, column, reversed) of each: `window_views` turns them into arrays. A
+    directional texture (the slope of a lit relief) must not be flipped: that would light it from the other
+    side. (A column flip would make the windows' rows non-contiguous.)"""
     side = bank.shape[0]
     r = rng.integers(0, 1 << 30, size=6)
-    out = []
+    out: list = []
     for j in (0, 3):
-        y0, x0 = int(r[j] % (side - height + 1)), int(r[j + 1] % (side - width + 1))
+        out += [int(r[j] % (side - height + 1)), int(r[j + 1] % (side - width + 1)), bool(flip and r[j + 2] & 1)]
+    return tuple(out)
+
+
+def window_views(bank: np.ndarray, height: int, width: int, windows: tuple) -> list[np.ndarray]:
+    """The two (height, width) windows of `bank` that `_windows` drew, as numpy views."""
+    views = []
+    for y0, x0, flipped in (windows[:3], windows[3:]):
         win = bank[y0 : y0 + height, x0 : x0 + width]
-        out.append(win[::-1] if flip and r[j + 2] & 1 else win)  # (a column flip would make the add 3x slower)
-    return out
+        views.append(win[::-1] if flipped else win)
+    return views
 
 
 def _direct(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float) -> tuple[np.ndarray, float]:
@@ -311,36 +276,85 @@ def _direct(height: int, width: int, rng: np.random.Generator, recipe: str, *par
     raise ValueError(f"texture recipe '{recipe}' has no direct synthesis")
 
 
-def texture(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float,
-            side: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """A fine texture as bank indices, for a pointwise function of it: (uint16 index (height, width), zmap, extra).
+class Texture:
+    """A fine texture of unit std, for a pointwise function of it: `z` holds the values its codes stand for.
 
-    The texture value of a pixel is `zmap[index]` (unit std); pass any function of it through `lookup`.
+    From a bank it is the sum of two bank windows (codes 0..508, never materialised: `lookup` reads the
+    windows in one compiled pass); over 1280 px it is a field synthesised at the image's size, quantised to
+    the same codes. `extra` is the recipe's scale (the std of a slope or streak field before normalisation).
+    """
+
+    def __init__(self, shape: tuple[int, int], z: np.ndarray, extra: float, bank: np.ndarray | None = None,
+                 windows: tuple | None = None, codes: np.ndarray | None = None):
+        self.shape, self.z, self.extra = shape, z, extra
+        self._bank, self._windows, self._codes = bank, windows, codes
+
+    def codes(self) -> np.ndarray:
+        """The per-pixel codes (uint16 (H, W), 0..508) that `lookup` reads."""
+        if self._bank is None:
+            return self._codes
+        a, b = window_views(self._bank, *self.shape, self._windows)
+        return np.add(a, b, dtype=np.uint16)
+
+    def lookup(self, values: np.ndarray, out: np.ndarray | None = None, mode: int = kernels.SET) -> np.ndarray:
+        """out (mode)= values[code] per pixel (`values`: 509 numbers, e.g. a function of `z`); float32 (H, W).
+
+        mode: `kernels.SET` (a new array when `out` is None), `kernels.ADD` or `kernels.MUL` into `out`."""
+        table = np.ascontiguousarray(values, dtype=np.float32)
+        if out is None:
+            if mode != kernels.SET:
+                raise ValueError("lookup: mode ADD or MUL needs `out`")
+            out = np.empty(self.shape, dtype=np.float32)
+        if self._bank is not None:
+            kernels.pair_lookup(self._bank, *self._windows, table, out, mode)
+        else:
+            _combine(out, np.take(table, self._codes, mode="clip"), mode)
+        return out
+
+
+def _combine(out: np.ndarray, values: np.ndarray, mode: int) -> None:
+    if mode == kernels.SET:
+        np.copyto(out, values)
+    elif mode == kernels.ADD:
+        out += values
+    else:
+        out *= values
+
+
+def texture(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float,
+            side: int | None = None) -> Texture:
+    """A fine texture (see `Texture`): pass any function of its `z` values through `Texture.lookup`.
+
     Images up to 1280 px draw the sum of two bank windows (see `_bank`); larger ones synthesise the field
-    directly (no repetition at any size), quantised the same way. `extra` is the recipe's scale (the std of
-    a slope or streak field before it was normalised).
+    directly (no repetition at any size), quantised the same way.
     """
     side = side or bank_side(height, width)
     if side is not None and max(height, width) <= side:
         bank, zmap, extra = _bank(recipe, side, *params)
-        a, b = _windows(bank, height, width, rng, flip=recipe != "slope")
-        return np.add(a, b, dtype=np.uint16), zmap, extra
+        return Texture((height, width), zmap, extra, bank=bank,
+                       windows=_windows(bank, height, width, rng, flip=recipe != "slope"))
     field, extra = _direct(height, width, rng, recipe, *params)
     field *= np.float32(_Q * math.sqrt(2.0))
     clip(field, -_PAIR, _PAIR, out=field)
     field += np.float32(_PAIR + 0.5)
-    return field.astype(np.uint16), (np.arange(2 * _PAIR + 1) - _PAIR) / (_Q * math.sqrt(2.0)), extra
+    return Texture((height, width), (np.arange(2 * _PAIR + 1) - _PAIR) / (_Q * math.sqrt(2.0)), extra,
+                   codes=field.astype(np.uint16))
 
 
 def texture_linear(height: int, width: int, rng: np.random.Generator, recipe: str, *params: float,
-                   scale: float = 1.0, offset: float = 0.0, side: int | None = None, transpose: bool = False
-                   ) -> np.ndarray:
+                   scale: float = 1.0, offset: float = 0.0, side: int | None = None, transpose: bool = False,
+                   out: np.ndarray | None = None, mode: int = kernels.SET) -> np.ndarray:
     """offset + scale * (a fine texture in the recipe's own units): float32 (height, width), no lookup.
 
     From the banks this is the sum of two windows (its std is that of the recipe, its histogram a bit more
     Gaussian, which does not matter for a texture used linearly). `transpose` draws from the bank turned by
-    90 degrees (kept as a contiguous copy), for anisotropic recipes.
+    90 degrees (kept as a contiguous copy), for anisotropic recipes. With `out` and `mode` (`kernels.ADD` or
+    `kernels.MUL`) the texture is added to or multiplied into `out` in the same pass.
     """
+    if out is None:
+        if mode != kernels.SET:
+            raise ValueError("texture_linear: mode ADD or MUL needs `out`")
+        out = np.empty((height, width), dtype=np.float32)
     side = side or bank_side(height, width)
     if side is not None and max(height, width) <= side:
         bank, _, extra = _bank(recipe, side, *params)
@@ -349,16 +363,15 @@ def texture_linear(height: int, width: int, rng: np.random.Generator, recipe: st
             if key not in _BANKS:
                 _BANKS[key] = (np.ascontiguousarray(bank.T), None, extra)
             bank = _BANKS[key][0]
-        a, b = _windows(bank, height, width, rng, flip=recipe != "slope")
-        out = np.add(a, b, dtype=np.float32)
+        windows = _windows(bank, height, width, rng, flip=recipe != "slope")
         k = scale * extra / (_Q * math.sqrt(2.0))
-        out *= np.float32(k)
-        out += np.float32(offset - 254.0 * k)
+        kernels.pair_linear(bank, *windows, np.float32(k), np.float32(offset - 254.0 * k), out, mode)
         return out
     field, extra = _direct(height, width, rng, recipe, *params)
     field *= np.float32(scale * extra)
     field += np.float32(offset)
-    return field
+    _combine(out, field, mode)
+    return out
 
 
 def lookup(idx: np.ndarray, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -413,28 +426,15 @@ def sensor_noise(height: int, width: int, rng: np.random.Generator) -> np.ndarra
 
 
 def add_noise_to_uint8(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """round(clip(img + sigma * sensor_noise)) as uint8 (H, W, 3), in cache-sized row blocks; img is not
-    changed. Same noise as `sensor_noise(h, w, rng)`; rounding is half-up."""
+    """round(clip(img + sigma * sensor_noise)) as uint8 (H, W, 3), in one compiled pass per bank tile; img is
+    not changed. Same noise as `sensor_noise(h, w, rng)`; rounding is half-up."""
     h, w = img.shape[:2]
     bank, bands = _noise_plan(h, w, rng)
-    flat = img.reshape(h, 3 * w)
+    flat = np.ascontiguousarray(img, dtype=np.float32).reshape(h, 3 * w)
     out = np.empty((h, 3 * w), dtype=np.uint8)
-    rows = max(1, 49152 // (3 * w))
-    t = np.empty((rows, 3 * w), dtype=np.float32)
     for y0, y1, tiles in bands:
-        for ya in range(y0, y1, rows):
-            yb = min(ya + rows, y1)
-            tb = t[: yb - ya]
-            if sigma > 0:
-                for x0, x1, by, bx, sign in tiles:
-                    np.multiply(bank[by + ya - y0 : by + yb - y0, bx : bx + x1 - x0], np.float32(sign * sigma / _Q),
-                                out=tb[:, x0:x1])
-                tb += flat[ya:yb]
-            else:
-                tb[...] = flat[ya:yb]
-            tb += np.float32(0.5)
-            clip(tb, 0.0, 255.0, out=tb)
-            out[ya:yb] = tb
+        for x0, x1, by, bx, sign in tiles:
+            kernels.noise_to_uint8(flat, bank, y0, y1, x0, x1, by, bx, np.float32(sign * sigma / _Q), out)
     return out.reshape(h, w, 3)
 
 
@@ -505,90 +505,37 @@ def resample_polyline(points: np.ndarray, spacing: float, *attrs: np.ndarray):
     return (pts, q / total, *(np.interp(q, s, a) for a in attrs))
 
 
-_DISKS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _disk(reach: float) -> tuple[np.ndarray, np.ndarray]:
-    """Integer offsets (dy, dx) that can hold a pixel within `reach` of a point whose nearest pixel is (0, 0)."""
-    key = int(math.ceil(reach * 4))
-    if key not in _DISKS:
-        lim = key / 4 + 0.5 * math.sqrt(2.0)
-        n = int(math.ceil(lim))
-        dy, dx = np.mgrid[-n : n + 1, -n : n + 1]
-        keep = dy * dy + dx * dx <= lim * lim
-        _DISKS[key] = (dy[keep].astype(np.int64), dx[keep].astype(np.int64))
-    return _DISKS[key]
-
-
 def stroke_pixels(points: np.ndarray, widths: np.ndarray, shape: tuple[int, int], starts=()):
     """Pixels near a polyline (xy vertices, about 1 px apart) with per-vertex widths.
 
     `starts` lists the vertex indices where a new path begins (no segment joins the paths). Returns
     (ys, xs, dist, seg, t): image pixels within max half-width + 1.5 px of the line, their exact distance to it,
     and the nearest point on it as segment index and fraction along that segment (None if nothing lands in
-    the image). Every segment splats its distance to the pixels around it; a scatter-min over (distance,
-    segment) keys on a bbox canvas keeps the nearest segment of each pixel.
+    the image). One compiled pass (`kernels.stroke_nearest`): every segment measures its distance to the
+    pixels around it and keeps it where it is the nearest so far.
     """
     h, w = shape
+    points = np.ascontiguousarray(points, dtype=np.float64)
+    if len(points) < 2:
+        return None
     reach = float(widths.max()) / 2.0 + 1.5
-    a = points[:-1]
-    v = points[1:] - a
-    valid = np.ones(len(v), dtype=bool)
+    valid = np.ones(len(points) - 1, dtype=np.bool_)
     valid[[s - 1 for s in starts if 0 < s < len(points)]] = False
-    seg = np.flatnonzero(valid)
-    a, v = a[seg], v[seg]
-    half = 0.5 * float(np.sqrt((v * v).sum(axis=1)).max()) if len(seg) else 0.0
-    ody, odx = _disk(reach + half)
-    pad = int(ody.max())
-    mid = np.rint(a + 0.5 * v).astype(np.int64)
-    mx, my = mid[:, 0], mid[:, 1]
-    x0, x1 = max(int(mx.min()) - pad, 0), min(int(mx.max()) + pad + 1, w)
-    y0, y1 = max(int(my.min()) - pad, 0), min(int(my.max()) + pad + 1, h)
+    if not valid.any():
+        return None
+    used = np.zeros(len(points), dtype=bool)
+    used[:-1] |= valid
+    used[1:] |= valid
+    lo = np.floor(points[used].min(axis=0) - reach)
+    hi = np.ceil(points[used].max(axis=0) + reach)
+    x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
+    x1, y1 = min(int(hi[0]) + 1, w), min(int(hi[1]) + 1, h)
     if x1 <= x0 or y1 <= y0:
         return None
-    near = (mx >= x0 - pad) & (mx < x1 + pad) & (my >= y0 - pad) & (my < y1 + pad)
-    seg, a, v, mx, my = seg[near], a[near], v[near], mx[near], my[near]
-    if seg.size == 0:
+    ys, xs, seg, t, dist = kernels.stroke_nearest(points, valid, reach, y0, y1, x0, x1)
+    if ys.size == 0:
         return None
-    # Offset of each candidate pixel from the segment start, projected on the segment (clamped to its ends).
-    rx = odx.astype(np.float32)[None, :] + (mx - a[:, 0]).astype(np.float32)[:, None]
-    ry = ody.astype(np.float32)[None, :] + (my - a[:, 1]).astype(np.float32)[:, None]
-    vx, vy = v[:, 0].astype(np.float32)[:, None], v[:, 1].astype(np.float32)[:, None]
-    inv = (1.0 / np.maximum((v * v).sum(axis=1), 1e-12)).astype(np.float32)[:, None]
-    t = rx * vx
-    t += ry * vy
-    t *= inv
-    clip(t, 0.0, 1.0, out=t)
-    rx -= t * vx
-    ry -= t * vy
-    d2 = np.square(rx, out=rx)
-    d2 += np.square(ry, out=ry)
-    ok = d2 <= np.float32(reach * reach)
-    if mx.min() - pad < x0 or my.min() - pad < y0 or mx.max() + pad >= x1 or my.max() + pad >= y1:
-        px = mx[:, None] + odx[None, :]
-        py = my[:, None] + ody[None, :]
-        ok &= (px >= x0) & (px < x1) & (py >= y0) & (py < y1)
-    if not ok.any():
-        return None
-    cw = x1 - x0
-    cell = ((my - y0) * cw + (mx - x0))[:, None] + (ody * cw + odx)[None, :]
-    # key = quantised squared distance (high bits) | segment index (low 24 bits): the min is the nearest one
-    d2 *= np.float32((1 << 30) / (reach * reach))
-    key = d2.astype(np.int64)
-    key <<= 24
-    key |= seg[:, None]
-    canvas = np.full((y1 - y0) * cw, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(canvas, cell[ok], key[ok])
-    pix = np.flatnonzero(canvas != np.iinfo(np.int64).max)
-    s = canvas[pix] & ((1 << 24) - 1)
-    ys = pix // cw + y0
-    xs = pix % cw + x0
-    # Exact distance and position along the nearest segment, in float64.
-    sa, sv = points[s], points[s + 1] - points[s]
-    qx, qy = xs - sa[:, 0], ys - sa[:, 1]
-    tt = clip((qx * sv[:, 0] + qy * sv[:, 1]) / np.maximum((sv * sv).sum(axis=1), 1e-12), 0.0, 1.0)
-    dist = np.hypot(qx - tt * sv[:, 0], qy - tt * sv[:, 1]).astype(np.float32)
-    return ys, xs, dist, s, tt
+    return ys, xs, dist, seg, t
 
 
 def on_segment(values: np.ndarray, seg: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -605,17 +552,15 @@ def line_coverage(dist: np.ndarray, width: np.ndarray) -> np.ndarray:
     return (clip(half + 0.5 - dist, 0.0, 1.0) * clip(width, 0.0, 1.0)).astype(np.float32)
 
 
-_DISK_OFFSETS: dict[int, list[tuple[int, int]]] = {}
+_DISK_OFFSETS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _disk_offsets(radius: int) -> list[tuple[int, int]]:
+def _disk_offsets(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx) int64 of the offsets 0 < dy^2 + dx^2 <= radius^2."""
     if radius not in _DISK_OFFSETS:
-        _DISK_OFFSETS[radius] = [
-            (dy, dx)
-            for dy in range(-radius, radius + 1)
-            for dx in range(-radius, radius + 1)
-            if 0 < dy * dy + dx * dx <= radius * radius
-        ]
+        dy, dx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+        keep = (dy * dy + dx * dx <= radius * radius) & ((dy != 0) | (dx != 0))
+        _DISK_OFFSETS[radius] = (dy[keep].astype(np.int64), dx[keep].astype(np.int64))
     return _DISK_OFFSETS[radius]
 
 
@@ -623,26 +568,25 @@ def restrict_to_footprint(ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, rad
     """Zero the opacity of pixels farther than `radius` px (Euclidean) from any pixel with opacity >= 0.5.
 
     This is what makes the footprint an honest mask: faint anti-aliasing and thin tips can only touch
-    pixels next to the labelled region.
+    pixels next to the labelled region. Returns a new array.
     """
-    fp = alpha >= 0.5
-    faint = ~fp & (alpha > 0)
+    out = np.array(alpha, dtype=np.float32)
+    if radius <= 3:  # one compiled pass over the pixel list, testing the disk of offsets
+        kernels.restrict_near(np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64), out,
+                              *_disk_offsets(int(radius)))
+        return out
+    fp = out >= 0.5
+    faint = ~fp & (out > 0)
     if not faint.any():
-        return alpha
+        return out
     pad = int(math.ceil(radius)) + 1
     y0, x0 = int(ys.min()) - pad, int(xs.min()) - pad
     canvas = np.zeros((int(ys.max()) - y0 + pad + 1, int(xs.max()) - x0 + pad + 1), dtype=bool)
     canvas[ys[fp] - y0, xs[fp] - x0] = True
     fy, fx = ys[faint] - y0, xs[faint] - x0
-    if radius <= 3:
-        near = np.zeros(fy.size, dtype=bool)
-        for dy, dx in _disk_offsets(int(radius)):
-            near |= canvas[fy + dy, fx + dx]
-    else:
-        # Chamfer (taxicab) distance never underestimates the Euclidean one, so this cut is conservative.
-        dist = ndimage.distance_transform_cdt(~canvas, metric="taxicab")
-        near = dist[fy, fx] <= radius
-    out = alpha.copy()
+    # Chamfer (taxicab) distance never underestimates the Euclidean one, so this cut is conservative.
+    dist = ndimage.distance_transform_cdt(~canvas, metric="taxicab")
+    near = dist[fy, fx] <= radius
     out[np.flatnonzero(faint)[~near]] = 0.0
     return out
 
@@ -660,7 +604,7 @@ def restrict_dense(alpha: np.ndarray, radius: float) -> np.ndarray:
         canvas[pad:-pad, pad:-pad] = fp
         fy, fx = np.nonzero(faint)
         near = np.zeros(fy.size, dtype=bool)
-        for dy, dx in _disk_offsets(int(radius)):
+        for dy, dx in zip(*_disk_offsets(int(radius)), strict=True):
             near |= canvas[fy + pad + dy, fx + pad + dx]
         alpha[fy[~near], fx[~near]] = 0.0
         return alpha
@@ -672,8 +616,7 @@ def restrict_dense(alpha: np.ndarray, radius: float) -> np.ndarray:
 
 
 def blend(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, target: np.ndarray) -> None:
-    """img[ys, xs] <- lerp(img, target, alpha), in place; pixels with alpha == 0 stay bit-identical."""
-    live = alpha > 0
-    ys, xs, a = ys[live], xs[live], alpha[live, None]
-    cur = img[ys, xs]
-    img[ys, xs] = cur + a * (target[live] - cur)
+    """img[ys, xs] <- lerp(img, clip(target, 0, 255), alpha), in place (one compiled pass); pixels with
+    alpha == 0 stay bit-identical. A blend of in-range colours stays in range."""
+    kernels.blend_pixels(img, np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64),
+                         np.asarray(alpha, dtype=np.float32), np.asarray(target, dtype=np.float32))

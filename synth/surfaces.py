@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from synth import kernels
 from synth.raster import (
     add_noise_to_uint8,
     bank_side,
-    expand_rows,
+    expand_lattice,
     fractal_1d,
-    lookup,
-    multiply_rows,
-    row_coords,
+    lattice_coords,
     sensor_noise,
-    smooth_rows,
+    smooth_lattice,
     smoothstep,
     texture,
     texture_linear,
@@ -53,19 +52,20 @@ def _tint(rng: np.random.Generator, spread: float) -> np.ndarray:
 
 def _smooth(h: int, w: int, rng: np.random.Generator, coarse: float, fine: float, persistence: float,
             amount: float, extra=None) -> tuple[np.ndarray, int]:
-    """1 + amount * (smooth fractal) [+ extra(y, x)], on every k-th row: (rows, k) (see `smooth_rows`)."""
-    rows, k = smooth_rows(h, w, rng, coarse, max(fine, 4.0), persistence)
-    rows *= np.float32(amount)
-    rows += np.float32(1.0)
+    """1 + amount * (smooth fractal) [+ extra(y, x)] on a lattice of every k-th pixel: (lattice, k) (see
+    `smooth_lattice`)."""
+    lattice, k = smooth_lattice(h, w, rng, coarse, max(fine, 4.0), persistence)
+    lattice *= np.float32(amount)
+    lattice += np.float32(1.0)
     if extra is not None:
-        rows += extra(*row_coords(h, w, k))
-    return rows, k
+        lattice += extra(*lattice_coords(h, w, k))
+    return lattice, k
 
 
 # Each maker returns (detail, low, color, params): the surface's luminance is detail * low, where `detail`
-# (H, W) holds the fine texture around 1 and `low` is a smooth field around 1 given on every k-th row as
-# (rows, k), or None. The lighting gain is smooth too: it is multiplied into the rows before they are
-# expanded, so the whole low-frequency part costs one interpolation and one product at full resolution.
+# (H, W) holds the fine texture around 1 and `low` is a smooth field around 1 given on a lattice of every
+# k-th pixel as (lattice, k), or None. The lighting gain is smooth too: it is multiplied into the lattice, and
+# the surface's one compiled RGB pass (synth/kernels.py) interpolates the product as it goes.
 
 
 def _concrete(h: int, w: int, rng: np.random.Generator, g: float):
@@ -75,10 +75,11 @@ def _concrete(h: int, w: int, rng: np.random.Generator, g: float):
     speck = rng.uniform(0.10, 0.22)
     pores = rng.uniform(0.25, 0.55)
     low = _smooth(h, w, rng, min(h, w) * rng.uniform(0.25, 0.6), 8.0, 0.6, mottle)
-    grains, z, _ = texture(h, w, rng, "fractal", 6.0 * g, g, 0.5)
-    lum = lookup(grains, 1.0 + speck * smoothstep(z, 1.4, 2.1) - 0.8 * speck * smoothstep(-z, 1.5, 2.2))
-    pore, z, _ = texture(h, w, rng, "fractal", 3.0 * g, g, 0.4)
-    lum += lookup(pore, -pores * smoothstep(z, 2.3, 2.8))
+    grains = texture(h, w, rng, "fractal", 6.0 * g, g, 0.5)
+    z = grains.z
+    lum = grains.lookup(1.0 + speck * smoothstep(z, 1.4, 2.1) - 0.8 * speck * smoothstep(-z, 1.5, 2.2))
+    pore = texture(h, w, rng, "fractal", 3.0 * g, g, 0.4)
+    pore.lookup(-pores * smoothstep(pore.z, 2.3, 2.8), out=lum, mode=kernels.ADD)
     return lum, low, color, {
         "base": _r(base), "color": [_r(c) for c in color], "mottle": _r(mottle), "speckle": _r(speck),
         "pores": _r(pores),
@@ -92,12 +93,14 @@ def _asphalt(h: int, w: int, rng: np.random.Generator, g: float):
     stone_cover = rng.uniform(0.7, 1.1)  # threshold on unit-std noise: lower = more stones
     stone_gain = rng.uniform(0.5, 1.1)
     low = _smooth(h, w, rng, min(h, w) * 0.4, 16.0 * g, 0.6, 0.06)
-    stones, z, _ = texture(h, w, rng, "fractal", stone_size, g, 0.45)
+    stones = texture(h, w, rng, "fractal", stone_size, g, 0.45)
+    z = stones.z
     # Stones (bright) and the tar-filled voids between them, both shaded by a field coarser than a stone so
     # that each one is roughly uniform.
-    lum = lookup(stones, stone_gain * smoothstep(z, stone_cover, stone_cover + 0.35) - 0.25 * smoothstep(-z, 0.8, 1.6))
-    lum *= texture_linear(h, w, rng, "fractal", stone_size * 1.5, stone_size * 0.5, 0.5, scale=0.3, offset=0.7)
-    lum += texture_linear(h, w, rng, "fractal", 2.0 * g, 1.0, 0.7, scale=0.16, offset=1.0)
+    lum = stones.lookup(stone_gain * smoothstep(z, stone_cover, stone_cover + 0.35) - 0.25 * smoothstep(-z, 0.8, 1.6))
+    texture_linear(h, w, rng, "fractal", stone_size * 1.5, stone_size * 0.5, 0.5, scale=0.3, offset=0.7, out=lum,
+                   mode=kernels.MUL)
+    texture_linear(h, w, rng, "fractal", 2.0 * g, 1.0, 0.7, scale=0.16, offset=1.0, out=lum, mode=kernels.ADD)
     return lum, low, color, {
         "base": _r(base), "color": [_r(c) for c in color], "stone_size": _r(stone_size),
         "stone_cover": _r(stone_cover), "stone_gain": _r(stone_gain),
@@ -205,9 +208,9 @@ def _ceramic(h: int, w: int, rng: np.random.Generator, g: float):
             -(((x - np.float32(gx)) * np.float32(0.6)) ** 2) * inv
         )
 
-    low_rows = _smooth(h, w, rng, min(h, w) * 0.7, min(h, w) / 24.0, 0.6, low, pool)
+    low_lattice = _smooth(h, w, rng, min(h, w) * 0.7, min(h, w) / 24.0, 0.6, low, pool)
     lum = texture_linear(h, w, rng, "fractal", 2.0 * g, 1.0, 0.6, scale=grain, offset=1.0)
-    return lum, low_rows, color, {
+    return lum, low_lattice, color, {
         "base": _r(base), "low_freq": _r(low), "grain": _r(grain), "glaze": _r(glaze),
         "glaze_center": [_r(gx), _r(gy)], "glaze_spread": _r(spread),
     }  # fmt: skip
@@ -228,13 +231,32 @@ def _painted(h: int, w: int, rng: np.random.Generator, g: float):
     }  # fmt: skip
 
 
+_NO_LATTICE = np.ones((1, 1), dtype=np.float32)  # k == 0: no smooth field and no lighting
 _PHASES = 64  # thread profile samples per period
 
 
-class _Fields(list):
-    """Per-channel colour fields (H, W) and their maximum (`peak`), known without a pass over them."""
+@dataclass(frozen=True)
+class _TwoColors:
+    """The weave's colour: `first` (float32 RGB) where `top` is true, `second` elsewhere; `peak` their maximum."""
 
-    peak: float
+    top: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+
+    @property
+    def peak(self) -> float:
+        return float(max(self.first.max(), self.second.max()))
+
+
+_PROFILE = np.sqrt(np.sin(np.pi * (np.arange(_PHASES) + 0.5) / _PHASES))  # a thread across, at _PHASES points
+
+
+def _thread_table(n: int, bright: np.ndarray, lo: int) -> np.ndarray:
+    """A thread's across-profile (rounded, dark gaps), its brightness and the parity of its index (as the sign)
+    in one float32 table over (thread index + lo, phase): one lookup per direction instead of trig per pixel."""
+    thread = np.arange(-lo, n + lo)
+    sign = np.where(thread % 2 == 0, 1.0, -1.0)
+    return (_PROFILE[None, :] * (bright[thread % n] * sign)[:, None]).astype(np.float32).reshape(-1)
 
 
 def _woven(h: int, w: int, rng: np.random.Generator, g: float):
@@ -250,42 +272,18 @@ def _woven(h: int, w: int, rng: np.random.Generator, g: float):
     n_u, n_v = int(w / period) + 8, int(h / period) + 8
     bu = (1.0 + 0.08 * rng.standard_normal(n_u)).astype(np.float32)
     bv = (1.0 + 0.08 * rng.standard_normal(n_v)).astype(np.float32)
-    # A thread's across-profile (rounded, dark gaps), its brightness and the parity of its index (as the
-    # sign) in one table over (thread index, phase): one lookup per direction instead of trig per pixel.
     lo = 4  # even offset so that u, v >= 0 (the wobble is a small fraction of a period)
     k = _PHASES
-
-    def table(n: int, bright: np.ndarray) -> np.ndarray:
-        j = np.arange((n + 2 * lo) * k)
-        thread, phase = j // k - lo, (j % k + 0.5) / k
-        sign = np.where(thread % 2 == 0, 1.0, -1.0)
-        return (np.sqrt(np.sin(np.pi * phase)) * bright[thread % n] * sign).astype(np.float32)
-
     xk = np.arange(w, dtype=np.float32) * np.float32(k / period)
     yk = np.arange(h, dtype=np.float32) * np.float32(k / period)
-    iu = np.add(xk[None, :], ((wy + lo) * k).astype(np.float32)[:, None]).astype(np.uint16)
-    iv = np.add(yk[:, None], ((wx + lo) * k).astype(np.float32)[None, :]).astype(np.uint16)
-    a = lookup(iu, table(n_u, bu))  # warp profile, signed by the warp thread's parity
-    b = lookup(iv, table(n_v, bv))
-    top = np.multiply(a, b) > 0  # same parity: the warp thread lies on top
+    lum = np.empty((h, w), dtype=np.float32)
+    top = np.empty((h, w), dtype=np.bool_)  # same parity: the warp thread lies on top
     # Across a thread: rounded profile; along it: dips where it passes under the crossing thread.
-    a2 = np.square(a)
-    b2 = np.square(b)
-    np.abs(a, out=a)
-    np.abs(b, out=b)
-    b2 *= np.float32(0.3)
-    b2 += np.float32(0.7)
-    a *= b2  # warp
-    a2 *= np.float32(0.3)
-    a2 += np.float32(0.7)
-    b *= a2  # weft
-    lum = b
-    np.copyto(lum, a, where=top)
-    lum *= texture_linear(h, w, rng, "fractal", 1.5 * g, 1.0, 0.6, scale=0.75 * 0.05, offset=0.75)
+    kernels.woven(xk, ((wy + lo) * k).astype(np.float32), yk, ((wx + lo) * k).astype(np.float32),
+                  _thread_table(n_u, bu, lo), _thread_table(n_v, bv, lo), lum, top)
+    texture_linear(h, w, rng, "fractal", 1.5 * g, 1.0, 0.6, scale=0.75 * 0.05, offset=0.75, out=lum, mode=kernels.MUL)
     lum += np.float32(0.3)
-    topf = top.astype(np.float32)
-    color = _Fields(topf * np.float32(warp_rgb[c] - weft_rgb[c]) + np.float32(weft_rgb[c]) for c in range(3))
-    color.peak = float(max(warp_rgb.max(), weft_rgb.max()))
+    color = _TwoColors(top, warp_rgb, weft_rgb)
     return lum, None, color, {
         "period": _r(period), "warp_color": [_r(c) for c in warp_rgb], "weft_color": [_r(c) for c in weft_rgb],
         "wobble": _r(wobble),
@@ -315,22 +313,23 @@ def make_surface(kind: str, height: int, width: int, rng: np.random.Generator,
     grain = math.sqrt(max(1.0, min(height, width) / 512.0))
     lum, low, color, params = _MAKERS[kind](height, width, rng, grain)
     lit = imaging is not None and imaging.lit
+    lattice, k = _NO_LATTICE, 0
     if low is not None or lit:
-        rows, k = low if low is not None else (None, 8)
+        lattice, k = low if low is not None else (None, 8)
         if lit:
-            gain = imaging.gain_rows(height, width, k)
-            rows = gain if rows is None else np.multiply(rows, gain, out=rows)
-        multiply_rows(lum, rows, k)
-    peak = color.peak if isinstance(color, _Fields) else float(np.max(color))
-    # Clip so that the brightest channel stays <= 255, which keeps the hue of overexposed pixels.
-    np.clip(lum, 0.0, 255.0 / max(peak, 1e-6), out=lum)
+            gain = imaging.gain_lattice(height, width, k)
+            lattice = gain if lattice is None else np.multiply(lattice, gain, out=lattice)
+    peak = color.peak if isinstance(color, _TwoColors) else float(np.max(color))
+    # Clip so that the brightest channel stays <= 255, which keeps the hue of overexposed pixels; the gain,
+    # the clip and the colour are one compiled pass (synth/kernels.py).
+    cap = np.float32(255.0 / max(peak, 1e-6))
     out = np.empty((height, width, 3), dtype=np.float32)
-    step = max(1, 65536 // width)  # cache-sized blocks, three strided writes each
-    for y in range(0, height, step):
-        block = lum[y : y + step]
-        for c, col in enumerate(color):
-            col = col[y : y + step] if isinstance(col, np.ndarray) and col.ndim == 2 else np.float32(col)
-            np.multiply(block, col, out=out[y : y + step, :, c])
+    lattice = np.ascontiguousarray(lattice, dtype=np.float32)
+    lum = np.ascontiguousarray(lum, dtype=np.float32)
+    if isinstance(color, _TwoColors):
+        kernels.lit_rgb_two(lum, lattice, k, cap, color.top, color.first, color.second, out)
+    else:
+        kernels.lit_rgb_const(lum, lattice, k, cap, *(np.float32(c) for c in color), out)
     return out, {"kind": kind, **params}
 
 
@@ -397,11 +396,11 @@ class Imaging:
     def lit(self) -> bool:
         return self.gradient > 0 or self.vignette > 0
 
-    def gain_rows(self, height: int, width: int, k: int) -> np.ndarray:
-        """The gain on every k-th row (see `expand_rows`): a linear ramp across the frame in the drawn direction
-        (mean brightness stays put) times a quadratic fall-off, both exact under linear interpolation of rows
-        a few px apart (the fall-off to well under 0.01 of a level)."""
-        y, x = row_coords(height, width, k)
+    def gain_lattice(self, height: int, width: int, k: int) -> np.ndarray:
+        """The gain on a lattice of every k-th pixel (see `smooth_lattice`): a linear ramp across the frame in
+        the drawn direction (mean brightness stays put) times a quadratic fall-off, both exact under bilinear
+        interpolation between points a few px apart (the fall-off to well under 0.01 of a level)."""
+        y, x = lattice_coords(height, width, k)
         gs = np.float32(self.gradient)
         gain = np.add(y * (gs * np.float32(math.sin(self.angle))), 1.0 + x * (gs * np.float32(math.cos(self.angle))))
         if self.vignette > 0:
@@ -412,7 +411,7 @@ class Imaging:
 
     def gain(self, height: int, width: int) -> np.ndarray | None:
         """(H, W) float32 gain of the gradient and vignette, or None when both are off."""
-        return expand_rows(self.gain_rows(height, width, 8), 8, height) if self.lit else None
+        return expand_lattice(self.gain_lattice(height, width, 8), 8, height, width) if self.lit else None
 
     def finish(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Add this camera's sensor noise to `img` (float32 (H, W, 3)) and quantise: uint8 (H, W, 3)."""

@@ -18,8 +18,6 @@ from synth.config import load_config
 from synth.defects import DEFECT_KINDS, draw_defect
 from synth.raster import (
     add_noise_to_uint8,
-    expand_rows,
-    multiply_rows,
     radial_boundary,
     sensor_noise,
     stroke_pixels,
@@ -104,17 +102,6 @@ def test_add_noise_is_sensor_noise_rounded() -> None:
     # channels and neighbours are independent
     assert abs(np.corrcoef(noise[..., 0].ravel(), noise[..., 1].ravel())[0, 1]) < 0.02
     assert abs(np.corrcoef(noise[:, :-1, 0].ravel(), noise[:, 1:, 0].ravel())[0, 1]) < 0.02
-
-
-@pytest.mark.parametrize("height,k", [(512, 4), (513, 4), (100, 8), (7, 2), (33, 1)])
-def test_multiply_rows_is_the_expanded_product(height: int, k: int) -> None:
-    rng = np.random.default_rng(height)
-    rows = rng.uniform(0.5, 1.5, ((height - 1) // k + 2, 37)).astype(np.float32)
-    lum = rng.uniform(0, 2, (height, 37)).astype(np.float32)
-    expected = lum * expand_rows(rows, k, height)
-    np.testing.assert_array_equal(multiply_rows(lum.copy(), rows, k), expected)
-    if k > 1:  # every k-th row is the sample itself
-        np.testing.assert_array_equal(expand_rows(rows, k, height)[::k], rows[: len(range(0, height, k))])
 
 
 def test_radial_boundary_table_matches_the_harmonics() -> None:
