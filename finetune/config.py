@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.config import AugmentKeys, validate_training_keys
+from pretrain.config import TrainingKeys, validate_training_keys
 from synth.config import require
 
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
@@ -14,7 +14,7 @@ LOSSES = ("ce", "ce_dice", "focal", "focal_dice")
 
 
 @dataclass
-class FinetuneConfig(AugmentKeys):
+class FinetuneConfig(TrainingKeys):
     name: str = "finetune"
     # model (finetune/models.py): a timm encoder inside a segmentation-models-pytorch architecture
     model: str = "vit_tiny"  # timm name or alias (pretrain/models.py ALIASES)
@@ -24,44 +24,27 @@ class FinetuneConfig(AugmentKeys):
     output_stride: int = 16  # DeepLabV3(+) only: 8 or 16 (dilated later stages)
     init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
     freeze: int | None = None  # freeze the stem/patch embedding and the first `freeze` blocks or stages
-    # data
-    train_split: str = "train"
+    # data (and the TrainingKeys' train_split, num_workers, ...)
     val_split: str | None = "val"  # the CrackForest import has train/test: use val_split=test
     train_samples: int | None = None  # a deterministic subset of the training split (same seed, same subset)
     crop_size: int = 512
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
-    num_workers: int = 2
     shuffle_buffer: int = 64
-    # augmentation (pretrain/augment.py), image and mask alike; the other AugmentKeys defaults are kept
+    # augmentation (pretrain/augment.py), image and mask alike; the other AugmentConfig defaults are kept
     color_jitter: float = 0.5
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     # loss
     loss: str = "ce_dice"
     dice_weight: float = 1.0
     class_weights: Any = None  # null | auto (from training-pixel frequencies) | [w_background, w_1, ...]
-    # optimisation (pretrain/loop.py)
+    # optimisation (pretrain/loop.py): the TrainingKeys, with these defaults
     batch_size: int = 8
-    grad_accum: int = 1
     max_steps: int = 2000
-    stop_after: int | None = None
     lr: float = 3e-4
     min_lr: float = 1e-6
-    warmup_steps: int = 50
     weight_decay: float = 0.01
-    clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"
-    # bookkeeping
-    log_every: int = 10
-    val_every: int = 200
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    # bookkeeping (and the TrainingKeys' log_every, checkpoint_every, resume, study, seed, wandb, ...)
     val_images: int = 4  # validation images shown as image / ground truth / prediction
-    resume: str | None = None
-    study: str | None = None
-    seed: int = 0
-    trace_samples: bool = False
-    wandb: bool = True
-    wandb_project: str = "defectforge"
 
     def validate(self) -> None:
         validate_training_keys(self)

@@ -65,8 +65,8 @@ class AugmentConfig:
     color_jitter: float = 0.8
     hue_jitter: float = 0.0
     resized_crop: bool = True
-    crop_scale: tuple[float, float] = (0.35, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.333)
+    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
 
     def validate(self) -> None:
         for key in ("hflip", "vflip", "rot90", "color_jitter"):

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from synth.config import require
+from synth.config import require, section
 
 from .augment import AugmentConfig
 from .cutmix import MixConfig
@@ -38,39 +38,13 @@ def validate_training_keys(cfg) -> None:
 
 
 @dataclass
-class AugmentKeys:
-    """The augmentation keys of the pretrain and finetune configs, applied on the device (pretrain/augment.py)."""
+class TrainingKeys(AugmentConfig):
+    """The keys every training command shares (pretrain, finetune, synth train-diffusion): the loop's
+    (pretrain/loop.py), the loader's and, inherited from AugmentConfig, the augmentation's (on the device,
+    pretrain/augment.py); `validate_training_keys` checks them. Each config overrides the defaults that
+    differ for its task."""
 
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rot90: float = 0.5
-    color_jitter: float = 0.8
-    hue_jitter: float = 0.0
-    resized_crop: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.333])
-
-    @property
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(hflip=self.hflip, vflip=self.vflip, rot90=self.rot90, color_jitter=self.color_jitter,
-                             hue_jitter=self.hue_jitter,
-                             resized_crop=self.resized_crop, crop_scale=tuple(self.crop_scale),
-                             crop_ratio=tuple(self.crop_ratio))
-
-
-@dataclass
-class PretrainConfig(AugmentKeys):
-    name: str = "pretrain"
-    # model (pretrain/models.py): any timm name or alias, built with pretrained=False
-    model: str = "vit_tiny"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
-    global_pool: str | None = None  # null = the model's default; ViTs: token (CLS) | avg (GAP) | ...
-    weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
-    drop_path_rate: float = 0.0
-    dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
-    dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
-    # optimisation
+    # optimisation (pretrain/loop.py)
     batch_size: int = 32  # per process
     grad_accum: int = 1
     max_steps: int = 1000  # optimizer steps; the cosine schedule spans them
@@ -79,19 +53,8 @@ class PretrainConfig(AugmentKeys):
     min_lr: float = 1e-5
     warmup_steps: int = 50
     weight_decay: float = 0.05
-    layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
     clip_grad: float | None = 1.0
     mixed_precision: str = "auto"  # auto = no on CPU, bf16 (or fp16) on GPU
-    ema: bool = False
-    ema_decay: float = 0.999
-    compile: bool = False
-    # mixing (pretrain/cutmix.py)
-    cutmix_alpha: float = 0.7
-    cutmix_prob: float = 1.0
-    mixup_alpha: float = 0.0
-    switch_prob: float = 0.5
-    label_mode: str = "area"
-    # augmentation on the device: the AugmentKeys fields (hflip, vflip, rot90, color_jitter, resized_crop, ...)
     # data
     train_split: str = "train"
     val_split: str | None = "val"  # null = no validation
@@ -109,6 +72,33 @@ class PretrainConfig(AugmentKeys):
     wandb: bool = True
     wandb_project: str = "defectforge"
 
+    @property
+    def augment(self) -> AugmentConfig:
+        return section(self, AugmentConfig)
+
+
+@dataclass
+class PretrainConfig(TrainingKeys, MixConfig):
+    """Every key of `python -m pretrain` (docs/pretrain.md): the TrainingKeys, the mixing keys of MixConfig
+    (cutmix_alpha, cutmix_prob, mixup_alpha, switch_prob, label_mode; pretrain/cutmix.py) and these."""
+
+    name: str = "pretrain"
+    # model (pretrain/models.py): any timm name or alias, built with pretrained=False
+    model: str = "vit_tiny"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    global_pool: str | None = None  # null = the model's default; ViTs: token (CLS) | avg (GAP) | ...
+    weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
+    drop_path_rate: float = 0.0
+    dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
+    dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
+    # optimisation beyond the TrainingKeys (batch_size, lr, max_steps, ...)
+    layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
+    ema: bool = False
+    ema_decay: float = 0.999
+    compile: bool = False
+    # mixing, augmentation on the device, data and bookkeeping: the MixConfig and TrainingKeys fields
+
     def validate(self) -> None:
         validate_training_keys(self)
         require(isinstance(self.img_size, int) and 32 <= self.img_size <= 4096, "img_size", self.img_size,
@@ -122,5 +112,4 @@ class PretrainConfig(AugmentKeys):
 
     @property
     def mix(self) -> MixConfig:
-        return MixConfig(cutmix_alpha=self.cutmix_alpha, cutmix_prob=self.cutmix_prob, mixup_alpha=self.mixup_alpha,
-                         switch_prob=self.switch_prob, label_mode=self.label_mode)
+        return section(self, MixConfig)

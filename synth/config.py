@@ -132,6 +132,12 @@ def save_config(config: Any, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def section(config: Any, schema: type[T]) -> T:
+    """The `schema` dataclass built from the same-named fields of `config` (a config that inherits a section's
+    keys, such as `PretrainConfig` the `MixConfig` keys, hands that section to the code that owns it)."""
+    return schema(**{f.name: getattr(config, f.name) for f in dataclasses.fields(schema)})
+
+
 def require(cond: bool, key: str, value: Any, expected: str) -> None:
     """Raise a ConfigError naming key, value and expectation unless `cond` holds."""
     if not cond:

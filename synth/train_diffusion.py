@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pretrain.augment import augment_batch, build_augment
-from pretrain.config import AugmentKeys, validate_training_keys
+from pretrain.config import TrainingKeys, validate_training_keys
 from pretrain.data import to_device, train_loader, val_loader
 from pretrain.loop import Run, last_checkpoint, lr_factor
 from pretrain.tracking import class_palette, mask_grid
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DiffusionTrainConfig(AugmentKeys):
+class DiffusionTrainConfig(TrainingKeys):
     """Every key of `python -m synth train-diffusion` (docs/diffusion.md)."""
 
     name: str = "diffusion"
@@ -65,39 +65,24 @@ class DiffusionTrainConfig(AugmentKeys):
     dilation: int = 2
     full_prob: float = 0.2
     outside_weight: float = 0.1
-    # optimisation
+    # optimisation (pretrain/loop.py): the TrainingKeys, with these defaults
     batch_size: int = 16  # per process
-    grad_accum: int = 1
     max_steps: int = 20000
-    stop_after: int | None = None
     lr: float = 2e-4
     min_lr: float = 1e-6
     warmup_steps: int = 500
     weight_decay: float = 0.0
-    clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"
     ema: bool = True
     ema_decay: float = 0.999
     # augmentation: flips and quarter turns only by default (colour is what the model must learn)
     color_jitter: float = 0.0
     resized_crop: bool = False
-    # data
-    train_split: str = "train"
-    val_split: str | None = "val"  # the first folder's split for the sample grid and val_loss; null = none
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-    trace_samples: bool = False
-    # bookkeeping
+    # data: the TrainingKeys; val_split is the first folder's split for the sample grid and val_loss
+    # bookkeeping (and the TrainingKeys' checkpoint_every, resume, study, seed, wandb, ...)
     log_every: int = 20
     val_every: int = 1000  # sample grid + val_loss
     sample_steps: int = 25  # DDIM steps of the sample grid
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    study: str | None = None
-    seed: int = 0
-    wandb: bool = True
-    wandb_project: str = "defectforge"
 
     def validate(self) -> None:
         validate_training_keys(self)
