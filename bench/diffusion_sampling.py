@@ -18,16 +18,14 @@ Usage: python bench/diffusion_sampling.py [--sizes 256 2160x3840] [--steps 10] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import emit, median_seconds
 
 from synth.compose import SynthConfig, render_sample
 from synth.config import load_config
@@ -35,11 +33,6 @@ from synth.diffusion import Diffuser, _pad_to, build_unet, dilate, save_pipeline
 from synth.train_diffusion import DiffusionTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit, "reference": round(reference, 4),
-                      "ratio": round(value / reference, 3), **extra}), flush=True)
 
 
 def parse_size(text: str) -> list[int]:
@@ -54,17 +47,6 @@ def make_model(folder: Path) -> Path:
                       cfg.head_dim)
     return save_pipeline(unet, training_scheduler(), folder / "pipeline", {"classes": classes,
                                                                            "image_size": cfg.image_size})
-
-
-def median_seconds(fn, repeats: int, warmup: bool = True) -> float:
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bare_seconds(diffuser: Diffuser, shapes: list[tuple[int, int]], calls: int, repeats: int) -> float:
@@ -118,7 +100,7 @@ def measure(backend: str, size: list[int], model: Path, args: argparse.Namespace
     seconds = median_seconds(lambda: diffuser(image, mask, meta), args.repeats, warmup=False)
     bare = bare_seconds(diffuser, shapes, calls, args.repeats)
     label = f"{size[0]}x{size[1]}"
-    emit(f"{backend}_{label}", 1.0 / seconds, "images/s", 1.0 / bare,
+    emit(f"{backend}_{label}", 1.0 / seconds, "images/s", 1.0 / bare, digits=4,
          reference_name=f"bare UNet forward x {calls} on the same {len(shapes)} window(s)", windows=len(shapes),
          steps=args.steps, unet_calls_per_window=calls, seconds_per_image=round(seconds, 3),
          threads=torch.get_num_threads(), target=">= 0.9")

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import emit
 from torch.utils.flop_counter import FlopCounterMode
 
 from finetune.config import FinetuneConfig
@@ -93,12 +93,6 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             "step_s": [round(t, 3) for t in times], "build_s": build_s}
 
 
-def emit(bench: str, value: float, unit: str, reference: float, digits: int = 3, **extra) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, digits), "unit": unit,
-                      "reference": round(reference, digits), "ratio": round(value / reference, 3),
-                      "reference_name": REFERENCE_NAME, **extra}), flush=True)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, metavar="CONFIG",
@@ -120,14 +114,14 @@ def main() -> None:
         row = measure(name, args)
         rows.append(row)
         ref = rows[0]
-        common = {"architecture": row["architecture"], "encoder": row["encoder"]}
+        info = {"reference_name": REFERENCE_NAME, "architecture": row["architecture"], "encoder": row["encoder"]}
         emit(f"params_{name}", row["params_m"], "M params", ref["params_m"], trainable_m=round(row["trainable_m"], 3),
-             **common)
+             **info)
         emit(f"gflops{args.flops_size}_{name}", row["gflops"], "GFLOPs", ref["gflops"], digits=2,
-             input=f"1x3x{args.flops_size}x{args.flops_size}", **common)
+             input=f"1x3x{args.flops_size}x{args.flops_size}", **info)
         emit(f"train{args.crop}_{name}", row["images_per_s"], "images/s", ref["images_per_s"],
              batch_size=args.batch_size, steps=row["steps"], warmup=args.warmup, step_s=row["step_s"],
-             threads=torch.get_num_threads(), **common)
+             threads=torch.get_num_threads(), **info)
 
     ref = rows[0]["images_per_s"]
     print(f"\n| config | architecture | encoder | params (M) | trainable (M) | GFLOPs @{args.flops_size} "

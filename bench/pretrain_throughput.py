@@ -53,6 +53,7 @@ from pathlib import Path
 import psutil
 import torch
 import torch.nn.functional as F
+from common import emit
 
 from pretrain.config import PretrainConfig
 from pretrain.data import train_loader
@@ -64,11 +65,6 @@ from synth.generate import generate
 
 NUM_SAMPLES = 256
 NOISY = 0.05  # other processes above this share of the machine's CPU make a figure untrustworthy
-
-
-def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, 3), "unit": unit, "reference": round(reference, 3),
-                      "ratio": round(value / reference, 3), **extra}), flush=True)
 
 
 @dataclass

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import emit
 from PIL import Image
 
 from synth.compose import SynthConfig, render_sample
@@ -27,11 +27,6 @@ from synth.config import load_config
 from synth.generate import generate, sample_key
 from synth.reader import make_dataset
 from synth.shards import encode_sample, iter_raw_samples, write_shard
-
-
-def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, 3), "unit": unit, "reference": round(reference, 3),
-                      "ratio": round(value / reference, 3), **extra}), flush=True)
 
 
 def parse_size(text: str) -> list[int]:

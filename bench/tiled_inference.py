@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, median_seconds
 
 from evaluate.cost import InferenceTimer
 from evaluate.tiling import tile_grid, tiled_logits
@@ -32,21 +31,6 @@ from synth.compose import SynthConfig, render_sample
 from synth.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def emit(bench: str, value: float, unit: str, reference: float, **extra) -> None:
-    print(json.dumps({"bench": bench, "value": round(value, 4), "unit": unit, "reference": round(reference, 4),
-                      "ratio": round(value / reference, 4), **extra}), flush=True)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -65,8 +49,8 @@ def run(name: str, image: torch.Tensor, args: argparse.Namespace) -> None:
         for batch in batches:
             model(batch)
 
-    t_ours, t_bare = median_time(ours, args.repeats), median_time(bare, args.repeats)
-    emit(f"overhead_{name}", t_ours, "s/image", t_bare, tiles=len(tiles), target="<= 1.05")
+    t_ours, t_bare = median_seconds(ours, args.repeats), median_seconds(bare, args.repeats)
+    emit(f"overhead_{name}", t_ours, "s/image", t_bare, digits=4, tiles=len(tiles), target="<= 1.05")
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
@@ -76,7 +60,7 @@ def run(name: str, image: torch.Tensor, args: argparse.Namespace) -> None:
             sliding_window_inference(image, roi_size=(args.tile, args.tile), sw_batch_size=args.batch,
                                      predictor=model, overlap=args.overlap, mode="gaussian")
 
-        emit(f"monai_{name}", t_ours, "s/image", median_time(monai, args.repeats), target="<= 1.0")
+        emit(f"monai_{name}", t_ours, "s/image", median_seconds(monai, args.repeats), digits=4, target="<= 1.0")
     tiled_mem, all_mem = InferenceTimer(image.device), InferenceTimer(image.device)
     with tiled_mem.measure():
         ours()
@@ -84,7 +68,7 @@ def run(name: str, image: torch.Tensor, args: argparse.Namespace) -> None:
     with all_mem.measure():
         model(everything)
     gb = 1024 ** 3
-    emit(f"memory_{name}", tiled_mem.peak / gb, "GB peak", all_mem.peak / gb,
+    emit(f"memory_{name}", tiled_mem.peak / gb, "GB peak", all_mem.peak / gb, digits=4,
          increase_gb=round(tiled_mem.increase / gb, 3), all_at_once_increase_gb=round(all_mem.increase / gb, 3))
 
 
