@@ -50,25 +50,6 @@ def pair_lookup(bank, ya, xa, fa, yb, xb, fb, table, out, mode):
 
 
 @_jit
-def pair_linear(bank, ya, xa, fa, yb, xb, fb, scale, offset, out, mode):
-    """out (mode)= float32(A + B) * scale + offset (float32 scalars), windows as in `pair_lookup`."""
-    h, w = out.shape
-    for y in range(h):
-        ra = bank[_bank_row(y, h, ya, fa), xa : xa + w]
-        rb = bank[_bank_row(y, h, yb, fb), xb : xb + w]
-        ro = out[y]
-        if mode == 0:
-            for x in range(w):
-                ro[x] = np.float32(np.int32(ra[x]) + np.int32(rb[x])) * scale + offset
-        elif mode == 1:
-            for x in range(w):
-                ro[x] += np.float32(np.int32(ra[x]) + np.int32(rb[x])) * scale + offset
-        else:
-            for x in range(w):
-                ro[x] *= np.float32(np.int32(ra[x]) + np.int32(rb[x])) * scale + offset
-
-
-@_jit
 def woven(xk, wyk, yk, wxk, table_u, table_v, out, top):
     """The weave's luminance (before its fine texture) into `out` and where the warp lies on top into `top`.
 

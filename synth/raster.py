@@ -365,7 +365,9 @@ def texture_linear(height: int, width: int, rng: np.random.Generator, recipe: st
             bank = _BANKS[key][0]
         windows = _windows(bank, height, width, rng, flip=recipe != "slope")
         k = scale * extra / (_Q * math.sqrt(2.0))
-        kernels.pair_linear(bank, *windows, np.float32(k), np.float32(offset - 254.0 * k), out, mode)
+        # linear in the code (the sum of the two windows, 0..508): a 509-entry table, float32 as a pass would be
+        table = np.arange(2 * _PAIR + 1, dtype=np.float32) * np.float32(k) + np.float32(offset - 254.0 * k)
+        kernels.pair_lookup(bank, *windows, table, out, mode)
         return out
     field, extra = _direct(height, width, rng, recipe, *params)
     field *= np.float32(scale * extra)

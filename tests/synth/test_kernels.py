@@ -48,7 +48,7 @@ def test_lit_rgb_is_clipped_gain_times_colour(k: int) -> None:
 
 
 @pytest.mark.parametrize("mode", [kernels.SET, kernels.ADD, kernels.MUL])
-def test_pair_kernels_read_the_two_windows(mode: int) -> None:
+def test_pair_lookup_reads_the_two_windows(mode: int) -> None:
     rng = np.random.default_rng(mode)
     bank = rng.integers(0, 255, (64, 64), dtype=np.uint8)
     table = rng.normal(size=509).astype(np.float32)
@@ -56,14 +56,11 @@ def test_pair_kernels_read_the_two_windows(mode: int) -> None:
         win = _windows(bank, 30, 41, np.random.default_rng(11), flip=flip)
         a, b = window_views(bank, 30, 41, win)
         start = rng.uniform(0.5, 1.5, (30, 41)).astype(np.float32)
-        looked = table[a.astype(np.int32) + b]
-        linear = (a.astype(np.int32) + b).astype(np.float32) * np.float32(0.25) + np.float32(-3.0)
-        for kernel, values in ((kernels.pair_lookup, looked), (kernels.pair_linear, linear)):
-            out = start.copy()
-            args = (table,) if kernel is kernels.pair_lookup else (np.float32(0.25), np.float32(-3.0))
-            kernel(bank, *win, *args, out, mode)
-            expected = {kernels.SET: values, kernels.ADD: start + values, kernels.MUL: start * values}[mode]
-            np.testing.assert_allclose(out, expected, rtol=1e-6)
+        values = table[a.astype(np.int32) + b]
+        out = start.copy()
+        kernels.pair_lookup(bank, *win, table, out, mode)
+        expected = {kernels.SET: values, kernels.ADD: start + values, kernels.MUL: start * values}[mode]
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 def test_texture_lookup_on_both_paths_is_the_table_at_the_codes() -> None:
@@ -80,8 +77,14 @@ def test_texture_lookup_on_both_paths_is_the_table_at_the_codes() -> None:
         tex.lookup(values, mode=kernels.MUL)
 
 
-def test_texture_linear_modes_equal_set_then_combine() -> None:
+def test_texture_linear_is_linear_in_the_window_sum_and_its_modes_combine() -> None:
+    from synth.raster import _Q, _bank
+
     base = texture_linear(60, 70, np.random.default_rng(5), "fractal", 3.0, 1.0, 0.5, scale=0.2, offset=1.0)
+    bank, _, extra = _bank("fractal", 256, 3.0, 1.0, 0.5)
+    a, b = window_views(bank, 60, 70, _windows(bank, 60, 70, np.random.default_rng(5)))
+    k = 0.2 * extra / (_Q * np.sqrt(2.0))
+    np.testing.assert_allclose(base, (a.astype(np.float32) + b) * k + (1.0 - 254.0 * k), rtol=1e-5)
     out = np.full((60, 70), 2.0, np.float32)
     texture_linear(60, 70, np.random.default_rng(5), "fractal", 3.0, 1.0, 0.5, scale=0.2, offset=1.0, out=out,
                    mode=kernels.MUL)
