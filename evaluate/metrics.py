@@ -7,7 +7,9 @@
   a true pixel within `tolerance` px of a predicted one counts as found);
 - pixel AP (precision-recall area over pixels, from 100-bin histograms), image-level AP for "defect present"
   (score: the image's highest defect probability);
-- error near tile seams against error elsewhere (pixels where the argmax disagrees with the truth).
+- error near tile seams against error elsewhere (pixels where the argmax disagrees with the truth);
+- each image's own confusion matrix (`image_confusion`), so that two models evaluated on the same images can
+  be compared with a paired bootstrap over images (`miou_difference`) instead of one number each.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ class EvalMetrics:
         self.image_scores: list[float] = []
         self.image_labels: list[int] = []
         self.seam = torch.zeros(4, dtype=torch.float64)  # errors in band, pixels in band, errors outside, outside
+        self.image_confusion: list[list[list[int]]] = []  # per image, rows = truth, columns = prediction
 
     def update(self, probs: torch.Tensor, target: torch.Tensor, seams: torch.Tensor | None = None) -> None:
         """probs (1, C, H, W) on any device, target (H, W) class indices, seams (H, W) bool or None."""
         probs, target = probs.float().cpu(), target.cpu().long()
+        before = self.seg.confusion.clone()
         self.seg.update(probs, target[None])
+        self.image_confusion.append((self.seg.confusion - before).long().tolist())
         defect = 1 - probs[0, 0]
         truth = target > 0
         near_truth = _dilate(truth, self.tolerance)
@@ -94,7 +99,38 @@ class EvalMetrics:
             "images": len(self.image_labels),
             "seam_error": seam_err, "non_seam_error": other_err,
             "seam_ratio": seam_err / other_err if seam_err is not None and other_err else None,
+            "image_confusion": self.image_confusion,
         }
+
+
+def miou_from_confusion(confusion: np.ndarray) -> np.ndarray:
+    """mIoU of confusion matrices (..., C, C) as `finetune.metrics.SegMetrics` computes it: the mean IoU over
+    the classes present in the truth or the prediction (NaN where none is)."""
+    tp = np.diagonal(confusion, axis1=-2, axis2=-1)
+    union = confusion.sum(-1) + confusion.sum(-2) - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(iou, axis=-1) if iou.size else np.full(iou.shape[:-1], np.nan)
+
+
+def miou_difference(a: list, b: list, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Paired bootstrap over images of mIoU(a) - mIoU(b), from the `image_confusion` lists of two models
+    evaluated on the same images: the difference on all images and its 95% interval (resampling images with
+    replacement, each resample's confusions summed as the dataset's are). None when the lists do not match."""
+    ca, cb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if ca.ndim != 3 or ca.shape != cb.shape or len(ca) == 0:
+        return None
+    n, c = ca.shape[0], ca.shape[1]
+    # how often each image is drawn in each resample (a multinomial count, as drawing n with replacement)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    diff = (miou_from_confusion((weights @ ca.reshape(n, -1)).reshape(-1, c, c))
+            - miou_from_confusion((weights @ cb.reshape(n, -1)).reshape(-1, c, c)))
+    diff = diff[np.isfinite(diff)]
+    full = float(miou_from_confusion(ca.sum(0)) - miou_from_confusion(cb.sum(0)))
+    if not diff.size:
+        return None
+    low, high = np.quantile(diff, [0.025, 0.975])
+    return {"difference": full, "low": float(low), "high": float(high), "images": len(ca), "resamples": resamples}
 
 
 def _f1(counts: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The report: `report.md` and a self-contained `report.html` (images embedded), plus the same to W&B.
 
 Every number comes from `results.json` of this evaluation; the "usual claims" are checked against them and
-marked supported, not supported, or not measured (with the reason), never assumed.
+marked supported, not supported, inconclusive (an accuracy difference whose 95% interval over the evaluation
+images includes 0) or not measured (with the reason), never assumed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evaluate.metrics import miou_difference  # noqa: E402
 from pretrain.tracking import class_palette  # noqa: E402
 
 GB = 1024 ** 3
@@ -137,6 +139,21 @@ def _diffused(r: dict) -> bool:
     return any(s in DIFFUSION_SOURCES for s in r.get("pretrain_sources") or [])
 
 
+def _better(a: dict, b: dict, what: str) -> list[str]:
+    """Verdict and evidence for "a has a higher mIoU than b": a paired bootstrap over the evaluation images
+    (`evaluate.metrics.miou_difference`) decides, so a difference within the run-to-run spread of the images is
+    "inconclusive" rather than a win: supported if the 95% interval of the difference lies above 0, not
+    supported if it lies below 0."""
+    ci = miou_difference(a["metrics"].get("image_confusion") or [], b["metrics"].get("image_confusion") or [])
+    evidence = f"{what}: mIoU {_miou(a):.3f} vs {_miou(b):.3f}"
+    if ci is None:  # results without per-image confusions (older results.json): the bare comparison
+        return ["supported" if _miou(a) > _miou(b) else "not supported", evidence + " (no per-image data for an "
+                "interval)"]
+    verdict = "supported" if ci["low"] > 0 else "not supported" if ci["high"] < 0 else "inconclusive"
+    return [verdict, f"{evidence}; difference {ci['difference']:+.3f}, 95% interval {ci['low']:+.3f} to "
+            f"{ci['high']:+.3f} (paired bootstrap over {ci['images']} images)"]
+
+
 def claims(results: list[dict]) -> list[list[str]]:
     """The usual ViT-vs-CNN claims against this evaluation's numbers."""
     rows = []
@@ -156,9 +173,8 @@ def claims(results: list[dict]) -> list[list[str]]:
         rows.append(["CNNs are faster / lighter on 4K images", "not measured", "needs at least one CNN and one ViT"])
     pre_vit = _best([r for r in results if r["pretrained"]], ("ViT", "ViT-Hybrid"), _miou)
     if pre_vit and cnn:
-        rows.append(["Pretrained ViTs win on pixel accuracy", "supported" if _miou(pre_vit) > _miou(cnn) else
-                     "not supported", f"{pre_vit['name']} mIoU {_miou(pre_vit):.3f} vs best CNN {cnn['name']} "
-                     f"{_miou(cnn):.3f}"])
+        rows.append(["Pretrained ViTs win on pixel accuracy",
+                     *_better(pre_vit, cnn, f"{pre_vit['name']} vs best CNN {cnn['name']}")])
     else:
         rows.append(["Pretrained ViTs win on pixel accuracy", "not measured", "needs a pretrained ViT and a CNN"])
     pairs = [(p, s) for p in results for s in results if p["pretrained"] and not s["pretrained"]
@@ -167,28 +183,25 @@ def claims(results: list[dict]) -> list[list[str]]:
     if pairs:
         p, s = max(pairs, key=lambda ps: _miou(ps[0]))
         rows.append(["Synthetic pretraining (with CutMix) makes ViTs viable",
-                     "supported" if _miou(p) > _miou(s) else "not supported",
-                     f"{p['name']} mIoU {_miou(p):.3f} vs from scratch {s['name']} {_miou(s):.3f}"])
+                     *_better(p, s, f"{p['name']} vs from scratch {s['name']}")])
     else:
         rows.append(["Synthetic pretraining makes ViTs viable", "not measured",
                      "needs the same ViT pretrained and from scratch"])
     hybrid, plain = _best(results, "ViT-Hybrid", _miou), _best(results, "ViT", _miou)
     if hybrid and plain:
-        rows.append(["ViT-Hybrid (conv stem) improves mIoU", "supported" if _miou(hybrid) > _miou(plain) else
-                     "not supported", f"{hybrid['name']} {_miou(hybrid):.3f} vs {plain['name']} {_miou(plain):.3f}"])
+        rows.append(["ViT-Hybrid (conv stem) improves mIoU", *_better(hybrid, plain, f"{hybrid['name']} vs "
+                                                                     f"{plain['name']}")])
     else:
         rows.append(["ViT-Hybrid (conv stem) improves mIoU", "not measured", "needs a ViT-Hybrid and a plain ViT"])
     sizes = sorted({r["train_samples"] for r in results if r["train_samples"] is not None})
-    if sizes:
-        small = [r for r in results if r["train_samples"] == sizes[0]]
-        c, v = _best(small, "CNN", _miou), _best(small, ("ViT", "ViT-Hybrid"), _miou)
-        if c and v:
-            rows.append([f"CNNs win with little data ({sizes[0]} training images)",
-                         "supported" if _miou(c) > _miou(v) else "not supported",
-                         f"{c['name']} {_miou(c):.3f} vs {v['name']} {_miou(v):.3f}"])
-    if not sizes or len(rows) < 6:
-        rows.append(["CNNs win with little data", "not measured" if not sizes else rows[-1][1],
-                     "no reduced training set in this evaluation" if not sizes else rows[-1][2]])
+    small = [r for r in results if sizes and r["train_samples"] == sizes[0]]
+    c, v = _best(small, "CNN", _miou), _best(small, ("ViT", "ViT-Hybrid"), _miou)
+    if c and v:
+        rows.append([f"CNNs win with little data ({sizes[0]} training images)",
+                     *_better(c, v, f"{c['name']} vs {v['name']}")])
+    else:
+        rows.append(["CNNs win with little data", "not measured", "no reduced training set in this evaluation"
+                     if not sizes else f"needs a CNN and a ViT fine-tuned on the smallest subset ({sizes[0]} images)"])
     att = [r for r in results if (r.get("interpretability") or {}).get("method") == "attention"
            and r["interpretability"].get("images")]
     cam = [r for r in results if (r.get("interpretability") or {}).get("method") == "grad-cam"
@@ -217,9 +230,8 @@ def claims(results: list[dict]) -> list[list[str]]:
     if diffusion:  # only when the study pretrained the same model with and without diffusion data
         d, p = max(diffusion, key=lambda dp: _miou(dp[0]))
         rows.append(["Diffusion-generated data improves synthetic pretraining",
-                     "supported" if _miou(d) > _miou(p) else "not supported",
-                     f"{d['name']} (pretrained on {' + '.join(d['pretrain_sources'])}) mIoU {_miou(d):.3f} vs "
-                     f"{p['name']} (pretrained on {' + '.join(p['pretrain_sources'])}) {_miou(p):.3f}"])
+                     *_better(d, p, f"{d['name']} (pretrained on {' + '.join(d['pretrain_sources'])}) vs {p['name']} "
+                                    f"(pretrained on {' + '.join(p['pretrain_sources'])})")])
     return rows
 
 
@@ -324,6 +336,11 @@ def write_report(out: Path, payload: dict, overlays: list[dict], predictions: di
              else "n/a")],
     ])
     doc.heading("Claims checked on this data")
+    doc.para("Accuracy claims compare two models on the same evaluation images with a paired bootstrap over the "
+             "images (2000 resamples): supported when the 95% interval of the mIoU difference lies above 0, not "
+             "supported when it lies below 0, inconclusive when it includes 0 (the difference is within what "
+             "the choice of images moves). One training seed per model: seed-to-seed spread is not included, so "
+             "run the study with several `seeds` before trusting a close call.")
     doc.table(["claim", "verdict", "evidence"], claims(results))
     doc.heading("Accuracy against speed")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

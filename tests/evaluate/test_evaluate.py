@@ -3,12 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from evaluate.__main__ import main
-from evaluate.metrics import EvalMetrics
+from evaluate.metrics import EvalMetrics, miou_difference, miou_from_confusion
 from evaluate.run import _prepare
 from evaluate.study import load_study, run_study
 from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
@@ -85,6 +86,66 @@ def test_metrics_match_hand_computed_values_with_and_without_tolerance():
     assert s["per_class"]["background"]["IoU"] == pytest.approx(52 / 64)
     assert s["per_class"]["background"]["precision"] == pytest.approx(52 / 58)
     assert s["image_AP"] != s["image_AP"]  # NaN: every image has a defect, AP undefined
+
+
+def test_per_image_confusions_sum_to_the_dataset_confusion():
+    m = EvalMetrics(["background", "crack", "pit"], tolerance=0, thresholds=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        m.update(torch.rand(1, 3, 9, 11, generator=g), torch.randint(0, 3, (9, 11), generator=g))
+    out = m.compute()
+    per_image = np.array(out["image_confusion"])
+    assert per_image.shape == (3, 3, 3) and (per_image.sum((1, 2)) == 99).all()
+    np.testing.assert_array_equal(per_image.sum(0), m.seg.confusion.numpy())
+    assert miou_from_confusion(per_image.sum(0)) == pytest.approx(out["mIoU"])
+
+
+def _confusions(accuracy: list[float], pixels: int = 400) -> list:
+    """Per-image 2-class confusions with the given share of correct pixels per image (half defect)."""
+    out = []
+    for a in accuracy:
+        right = round(a * pixels / 2)
+        out.append([[right, pixels // 2 - right], [pixels // 2 - right, right]])
+    return out
+
+
+def test_miou_difference_is_a_paired_interval_over_images():
+    better = miou_difference(_confusions([0.9] * 12), _confusions([0.7] * 12))
+    assert better["low"] > 0.2 and better["difference"] == pytest.approx(better["low"], abs=1e-9)
+    mixed = miou_difference(_confusions([0.9, 0.6] * 6), _confusions([0.6, 0.9] * 6))
+    assert mixed["difference"] == pytest.approx(0.0) and mixed["low"] < 0 < mixed["high"]
+    assert miou_difference(_confusions([0.9] * 3), _confusions([0.9] * 4)) is None  # not the same images
+    assert miou_difference([], []) is None
+
+
+def _result(name, family, accuracy, pretrained=False, train_samples=None):
+    confusion = _confusions(accuracy)
+    return {"name": name, "family": family, "model": name, "pretrained": pretrained, "train_samples": train_samples,
+            "pretrain_sources": None, "interpretability": None,
+            "metrics": {"mIoU": float(miou_from_confusion(np.sum(confusion, 0))), "seam_ratio": None,
+                        "image_confusion": confusion},
+            "cost": {"tiled": {"seconds_per_image": 1.0, "memory_kind": "rss_increase", "memory_increase_bytes": 1}}}
+
+
+def test_accuracy_claims_are_inconclusive_within_the_spread_of_the_images():
+    from evaluate.report import claims
+
+    def verdict(results, claim):
+        return next(row[1] for row in claims(results) if row[0].startswith(claim))
+
+    cnn = _result("cnn", "CNN", [0.8, 0.7] * 6)
+    assert verdict([_result("vit", "ViT", [0.95] * 12, pretrained=True), cnn], "Pretrained ViTs") == "supported"
+    assert verdict([_result("vit", "ViT", [0.5] * 12, pretrained=True), cnn], "Pretrained ViTs") == "not supported"
+    # a higher mIoU that comes from two images out of twelve is no win
+    close = _result("vit", "ViT", [0.8, 0.7] * 5 + [0.9, 0.8], pretrained=True)
+    assert close["metrics"]["mIoU"] > cnn["metrics"]["mIoU"]
+    rows = {row[0]: row for row in claims([close, cnn])}
+    assert rows["Pretrained ViTs win on pixel accuracy"][1] == "inconclusive"
+    assert "95% interval" in rows["Pretrained ViTs win on pixel accuracy"][2]
+    assert verdict([close, cnn], "CNNs win with little data") == "not measured"
+    small = [_result("cnn-s", "CNN", [0.9] * 12, train_samples=8), _result("vit-s", "ViT", [0.6] * 12,
+                                                                          train_samples=8)]
+    assert verdict([close, cnn, *small], "CNNs win with little data") == "supported"
 
 
 def tiny_study(tmp_path: Path, diffusion: bool = False) -> Path:
