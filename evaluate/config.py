@@ -27,6 +27,7 @@ class EvalConfig:
     tolerance: int = 2  # px, for ODS/OIS (crack papers use 2)
     thresholds: int = 20  # ODS/OIS thresholds (k + 0.5) / thresholds
     seam_band: int = 4  # px on each side of an inner tile edge counted as "near a seam"
+    claim_margin: float = 0.01  # mIoU gain below which "A wins on accuracy" counts as no win (report claims)
     # interpretability (evaluate/interpret.py): ViT attention vs CNN Grad-CAM against the defect masks
     interpret_images: int = 8  # images with a defect scored per model (0 = off)
     interpret_tolerance: int = 8  # px around a defect that count as "on the defect"
@@ -54,6 +55,7 @@ class EvalConfig:
         require(0 <= self.tolerance <= 32, "tolerance", self.tolerance, "an integer in [0, 32]")
         require(2 <= self.thresholds <= 200, "thresholds", self.thresholds, "an integer in [2, 200]")
         require(0 <= self.seam_band <= 64, "seam_band", self.seam_band, "an integer in [0, 64]")
+        require(0 <= self.claim_margin < 1, "claim_margin", self.claim_margin, "an mIoU difference in [0, 1)")
         require(len(self.speed_size) == 2 and all(64 <= s <= 16384 for s in self.speed_size), "speed_size",
                 self.speed_size, "[H, W], each between 64 and 16384")
         require(self.repeats >= 1, "repeats", self.repeats, "an integer >= 1")

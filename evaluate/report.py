@@ -139,23 +139,30 @@ def _diffused(r: dict) -> bool:
     return any(s in DIFFUSION_SOURCES for s in r.get("pretrain_sources") or [])
 
 
-def _better(a: dict, b: dict, what: str) -> list[str]:
-    """Verdict and evidence for "a has a higher mIoU than b": a paired bootstrap over the evaluation images
-    (`evaluate.metrics.miou_difference`) decides, so a difference within the run-to-run spread of the images is
-    "inconclusive" rather than a win: supported if the 95% interval of the difference lies above 0, not
-    supported if it lies below 0."""
+def _better(a: dict, b: dict, what: str, margin: float) -> list[str]:
+    """Verdict and evidence for "a has a higher mIoU than b", decided by a paired bootstrap over the evaluation
+    images (`evaluate.metrics.miou_difference`) and the smallest gain that counts (`margin`, mIoU):
+    supported when the 95% interval of the difference lies above 0 and the difference is at least `margin`;
+    not supported when the whole interval lies below `margin` (b is better, or a's gain is negligible);
+    inconclusive otherwise (the choice of images could turn the result either way)."""
     ci = miou_difference(a["metrics"].get("image_confusion") or [], b["metrics"].get("image_confusion") or [])
     evidence = f"{what}: mIoU {_miou(a):.3f} vs {_miou(b):.3f}"
     if ci is None:  # results without per-image confusions (older results.json): the bare comparison
-        return ["supported" if _miou(a) > _miou(b) else "not supported", evidence + " (no per-image data for an "
-                "interval)"]
-    verdict = "supported" if ci["low"] > 0 else "not supported" if ci["high"] < 0 else "inconclusive"
-    return [verdict, f"{evidence}; difference {ci['difference']:+.3f}, 95% interval {ci['low']:+.3f} to "
-            f"{ci['high']:+.3f} (paired bootstrap over {ci['images']} images)"]
+        return ["supported" if _miou(a) - _miou(b) >= margin else "not supported",
+                evidence + f" (no per-image data for an interval; margin {margin:.3f})"]
+    if ci["low"] > 0 and ci["difference"] >= margin:
+        verdict = "supported"
+    elif ci["high"] < margin:
+        verdict = "not supported"
+    else:
+        verdict = "inconclusive"
+    return [verdict, f"{evidence}; difference {ci['difference']:+.4f}, 95% interval {ci['low']:+.4f} to "
+            f"{ci['high']:+.4f} (paired bootstrap over {ci['images']} images; a gain counts from {margin:.3f})"]
 
 
-def claims(results: list[dict]) -> list[list[str]]:
-    """The usual ViT-vs-CNN claims against this evaluation's numbers."""
+def claims(results: list[dict], margin: float = 0.01) -> list[list[str]]:
+    """The usual ViT-vs-CNN claims against this evaluation's numbers; `margin`: the smallest mIoU gain that
+    counts as a win (the evaluation's `claim_margin`)."""
     rows = []
     cnn = _best(results, "CNN", _miou)
     fastest_cnn = min((r for r in results if r["family"] == "CNN"), key=_speed, default=None)
@@ -174,7 +181,7 @@ def claims(results: list[dict]) -> list[list[str]]:
     pre_vit = _best([r for r in results if r["pretrained"]], ("ViT", "ViT-Hybrid"), _miou)
     if pre_vit and cnn:
         rows.append(["Pretrained ViTs win on pixel accuracy",
-                     *_better(pre_vit, cnn, f"{pre_vit['name']} vs best CNN {cnn['name']}")])
+                     *_better(pre_vit, cnn, f"{pre_vit['name']} vs best CNN {cnn['name']}", margin)])
     else:
         rows.append(["Pretrained ViTs win on pixel accuracy", "not measured", "needs a pretrained ViT and a CNN"])
     pairs = [(p, s) for p in results for s in results if p["pretrained"] and not s["pretrained"]
@@ -183,14 +190,14 @@ def claims(results: list[dict]) -> list[list[str]]:
     if pairs:
         p, s = max(pairs, key=lambda ps: _miou(ps[0]))
         rows.append(["Synthetic pretraining (with CutMix) makes ViTs viable",
-                     *_better(p, s, f"{p['name']} vs from scratch {s['name']}")])
+                     *_better(p, s, f"{p['name']} vs from scratch {s['name']}", margin)])
     else:
         rows.append(["Synthetic pretraining makes ViTs viable", "not measured",
                      "needs the same ViT pretrained and from scratch"])
     hybrid, plain = _best(results, "ViT-Hybrid", _miou), _best(results, "ViT", _miou)
     if hybrid and plain:
         rows.append(["ViT-Hybrid (conv stem) improves mIoU", *_better(hybrid, plain, f"{hybrid['name']} vs "
-                                                                     f"{plain['name']}")])
+                                                                     f"{plain['name']}", margin)])
     else:
         rows.append(["ViT-Hybrid (conv stem) improves mIoU", "not measured", "needs a ViT-Hybrid and a plain ViT"])
     sizes = sorted({r["train_samples"] for r in results if r["train_samples"] is not None})
@@ -198,7 +205,7 @@ def claims(results: list[dict]) -> list[list[str]]:
     c, v = _best(small, "CNN", _miou), _best(small, ("ViT", "ViT-Hybrid"), _miou)
     if c and v:
         rows.append([f"CNNs win with little data ({sizes[0]} training images)",
-                     *_better(c, v, f"{c['name']} vs {v['name']}")])
+                     *_better(c, v, f"{c['name']} vs {v['name']}", margin)])
     else:
         rows.append(["CNNs win with little data", "not measured", "no reduced training set in this evaluation"
                      if not sizes else f"needs a CNN and a ViT fine-tuned on the smallest subset ({sizes[0]} images)"])
@@ -231,7 +238,7 @@ def claims(results: list[dict]) -> list[list[str]]:
         d, p = max(diffusion, key=lambda dp: _miou(dp[0]))
         rows.append(["Diffusion-generated data improves synthetic pretraining",
                      *_better(d, p, f"{d['name']} (pretrained on {' + '.join(d['pretrain_sources'])}) vs {p['name']} "
-                                    f"(pretrained on {' + '.join(p['pretrain_sources'])})")])
+                                    f"(pretrained on {' + '.join(p['pretrain_sources'])})", margin)])
     return rows
 
 
@@ -337,11 +344,12 @@ def write_report(out: Path, payload: dict, overlays: list[dict], predictions: di
     ])
     doc.heading("Claims checked on this data")
     doc.para("Accuracy claims compare two models on the same evaluation images with a paired bootstrap over the "
-             "images (2000 resamples): supported when the 95% interval of the mIoU difference lies above 0, not "
-             "supported when it lies below 0, inconclusive when it includes 0 (the difference is within what "
-             "the choice of images moves). One training seed per model: seed-to-seed spread is not included, so "
-             "run the study with several `seeds` before trusting a close call.")
-    doc.table(["claim", "verdict", "evidence"], claims(results))
+             "images (2000 resamples) of their mIoU difference: supported when its 95% interval lies above 0 and "
+             f"the difference is at least claim_margin = {cfg.get('claim_margin', 0.01):.3f}; not supported when "
+             "the whole interval lies below that margin (no gain worth the name, or a loss); inconclusive "
+             "otherwise. The interval covers the choice of evaluation images, not the training seed: run the "
+             "study with several `seeds` before trusting a close call.")
+    doc.table(["claim", "verdict", "evidence"], claims(results, cfg.get("claim_margin", 0.01)))
     doc.heading("Accuracy against speed")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colors = {"CNN": "tab:blue", "ViT": "tab:red", "ViT-Hybrid": "tab:orange", "Swin": "tab:purple"}

@@ -142,6 +142,10 @@ def test_accuracy_claims_are_inconclusive_within_the_spread_of_the_images():
     rows = {row[0]: row for row in claims([close, cnn])}
     assert rows["Pretrained ViTs win on pixel accuracy"][1] == "inconclusive"
     assert "95% interval" in rows["Pretrained ViTs win on pixel accuracy"][2]
+    # a gain on every image, but smaller than claim_margin: no win worth the name
+    tiny = _result("vit", "ViT", [0.805, 0.705] * 6, pretrained=True)
+    assert verdict([tiny, cnn], "Pretrained ViTs") == "not supported"
+    assert next(r[1] for r in claims([tiny, cnn], margin=0.0) if r[0].startswith("Pretrained ViTs")) == "supported"
     assert verdict([close, cnn], "CNNs win with little data") == "not measured"
     small = [_result("cnn-s", "CNN", [0.9] * 12, train_samples=8), _result("vit-s", "ViT", [0.6] * 12,
                                                                           train_samples=8)]
