@@ -130,4 +130,5 @@ def interpret_model(model, samples: list[dict], mean: torch.Tensor, std: torch.T
     return {"method": method, "images": len(scores),
             "pointing_game": float(np.mean([s["hit"] for s in scores])),
             "energy_in_defect": float(np.mean([s["energy"] for s in scores])),
-            "energy_chance": float(np.mean([s["chance"] for s in scores]))}, maps
+            "energy_chance": float(np.mean([s["chance"] for s in scores])),
+            "per_image": scores}, maps  # the same images for every model: paired comparisons in the report

@@ -9,7 +9,8 @@
   (score: the image's highest defect probability);
 - error near tile seams against error elsewhere (pixels where the argmax disagrees with the truth);
 - each image's own confusion matrix (`image_confusion`), so that two models evaluated on the same images can
-  be compared with a paired bootstrap over images (`miou_difference`) instead of one number each.
+  be compared with a paired bootstrap over images (`miou_difference`; `mean_difference` for per-image scores
+  such as the interpretability scores) instead of one number each.
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def miou_from_confusion(confusion: np.ndarray) -> np.ndarray:
         return np.nanmean(iou, axis=-1) if iou.size else np.full(iou.shape[:-1], np.nan)
 
 
+def _resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """How often each of n items is drawn in each bootstrap resample: (resamples, n) multinomial counts, the
+    same as drawing n items with replacement."""
+    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def _interval(full: float, diffs: np.ndarray, n: int, resamples: int) -> dict | None:
+    diffs = diffs[np.isfinite(diffs)]
+    if not diffs.size:
+        return None
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return {"difference": float(full), "low": float(low), "high": float(high), "images": n, "resamples": resamples}
+
+
 def miou_difference(a: list, b: list, resamples: int = 2000, seed: int = 0) -> dict | None:
     """Paired bootstrap over images of mIoU(a) - mIoU(b), from the `image_confusion` lists of two models
     evaluated on the same images: the difference on all images and its 95% interval (resampling images with
@@ -121,16 +136,22 @@ def miou_difference(a: list, b: list, resamples: int = 2000, seed: int = 0) -> d
     if ca.ndim != 3 or ca.shape != cb.shape or len(ca) == 0:
         return None
     n, c = ca.shape[0], ca.shape[1]
-    # how often each image is drawn in each resample (a multinomial count, as drawing n with replacement)
-    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    weights = _resample_weights(n, resamples, seed)
     diff = (miou_from_confusion((weights @ ca.reshape(n, -1)).reshape(-1, c, c))
             - miou_from_confusion((weights @ cb.reshape(n, -1)).reshape(-1, c, c)))
-    diff = diff[np.isfinite(diff)]
-    full = float(miou_from_confusion(ca.sum(0)) - miou_from_confusion(cb.sum(0)))
-    if not diff.size:
+    full = miou_from_confusion(ca.sum(0)) - miou_from_confusion(cb.sum(0))
+    return _interval(full, diff, n, resamples)
+
+
+def mean_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Paired bootstrap over images of mean(a) - mean(b) for per-image scores of two models on the same images
+    (e.g. pointing-game hits): the difference and its 95% interval. None when the lists do not match."""
+    va, vb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if va.ndim != 1 or va.shape != vb.shape or len(va) == 0:
         return None
-    low, high = np.quantile(diff, [0.025, 0.975])
-    return {"difference": full, "low": float(low), "high": float(high), "images": len(ca), "resamples": resamples}
+    n = len(va)
+    diff = _resample_weights(n, resamples, seed) @ (va - vb) / n
+    return _interval(float((va - vb).mean()), diff, n, resamples)
 
 
 def _f1(counts: torch.Tensor) -> torch.Tensor:

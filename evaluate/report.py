@@ -23,7 +23,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluate.metrics import miou_difference  # noqa: E402
+from evaluate.metrics import mean_difference, miou_difference  # noqa: E402
 from pretrain.tracking import class_palette  # noqa: E402
 
 GB = 1024 ** 3
@@ -215,10 +215,17 @@ def claims(results: list[dict], margin: float = 0.01) -> list[list[str]]:
            and r["interpretability"].get("images")]
     if att and cam:
         a, c = max(att, key=_loc), max(cam, key=_loc)
-        rows.append(["Attention maps localize defects better than Grad-CAM",
-                     "supported" if _loc(a) > _loc(c) else "not supported",
-                     f"pointing game / energy in defect: {a['name']} attention {_loc_text(a)}, {c['name']} Grad-CAM "
-                     f"{_loc_text(c)}"])
+        evidence = (f"pointing game / energy in defect: {a['name']} attention {_loc_text(a)}, {c['name']} Grad-CAM "
+                    f"{_loc_text(c)}")
+        hits = [[float(s["hit"]) for s in r["interpretability"].get("per_image") or []] for r in (a, c)]
+        ci = mean_difference(*hits)
+        if ci is None:  # results without per-image scores (older results.json): the bare comparison
+            verdict = "supported" if _loc(a) > _loc(c) else "not supported"
+        else:  # the pointing game decides, paired over the same images
+            verdict = "supported" if ci["low"] > 0 else "not supported" if ci["high"] <= 0 else "inconclusive"
+            evidence += (f"; pointing-game difference {ci['difference']:+.2f}, 95% interval {ci['low']:+.2f} to "
+                         f"{ci['high']:+.2f} (paired bootstrap over {ci['images']} images)")
+        rows.append(["Attention maps localize defects better than Grad-CAM", verdict, evidence])
     else:
         rows.append(["Attention maps localize defects better than Grad-CAM", "not measured",
                      "needs a ViT and a CNN scored on images with defects (interpret_images > 0)"])

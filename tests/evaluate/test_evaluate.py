@@ -152,6 +152,30 @@ def test_accuracy_claims_are_inconclusive_within_the_spread_of_the_images():
     assert verdict([close, cnn, *small], "CNNs win with little data") == "supported"
 
 
+def test_attention_claim_is_a_paired_comparison_of_pointing_hits():
+    from evaluate.metrics import mean_difference
+    from evaluate.report import claims
+
+    def with_maps(result, method, hits):
+        scores = [{"hit": h, "energy": 0.5 if h else 0.1, "chance": 0.05} for h in hits]
+        result["interpretability"] = {"method": method, "images": len(hits),
+                                      "pointing_game": float(np.mean(hits)), "energy_in_defect": 0.3,
+                                      "energy_chance": 0.05, "per_image": scores}
+        return result
+
+    def verdict(att_hits, cam_hits):
+        results = [with_maps(_result("vit", "ViT", [0.8] * 12), "attention", att_hits),
+                   with_maps(_result("cnn", "CNN", [0.8] * 12), "grad-cam", cam_hits)]
+        return next(r[1] for r in claims(results) if r[0].startswith("Attention maps"))
+
+    assert verdict([True] * 12, [False] * 12) == "supported"
+    assert verdict([False] * 12, [True] * 12) == "not supported"
+    assert verdict([True, True, True, False] + [False] * 4, [True] + [False] * 7) == "inconclusive"  # 3/8 vs 1/8
+    ci = mean_difference([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0])
+    assert ci["difference"] == pytest.approx(0.5) and ci["low"] <= 0.5 <= ci["high"]
+    assert mean_difference([1.0], [1.0, 0.0]) is None
+
+
 def tiny_study(tmp_path: Path, diffusion: bool = False) -> Path:
     study = {
         "name": "tiny",
