@@ -25,7 +25,7 @@ class FinetuneConfig(TrainingKeys):
     init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
     freeze: int | None = None  # freeze the stem/patch embedding and the first `freeze` blocks or stages
     # data (and the TrainingKeys' train_split, num_workers, ...)
-    val_split: str | None = "val"  # the CrackForest import has train/test: use val_split=test
+    val_split: str | None = "val"  # never the reported split: import train/test data with --val-ratio, or null
     train_samples: int | None = None  # a deterministic subset of the training split (same seed, same subset)
     crop_size: int = 512
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size

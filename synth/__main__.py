@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--split-file", help="JSON mapping split name -> list of ids (file stems)")
     i.add_argument("--classes", nargs="+", default=["defect"], help="defect class names for mask values 1..K")
     i.add_argument("--name", help="dataset name (default: the images folder's parent name)")
-    i.add_argument("--val-ratio", type=float, default=0.0, help="without --split-file: share held out as 'val'")
+    i.add_argument("--val-ratio", type=float, default=0.0,
+                   help="share held out as 'val': of all images, or with --split-file of its 'train' split")
     i.add_argument("--seed", type=int, default=0, help="seed of the --val-ratio split")
     i.add_argument("--shard-size", type=int, default=64, help="samples per shard")
     i.add_argument("--mask-mode", choices=("index", "binary"), default="index",

@@ -281,6 +281,16 @@ def import_folder(images: str | Path, masks: str | Path, out: str | Path, *,
         unassigned = len(image_files) - len(assigned)
         if unassigned and splits:
             log.warning("%d image(s) are in no split of %s and are not imported", unassigned, split_file)
+        if val_ratio > 0 and splits:  # a validation split carved out of the file's train split (never its test)
+            if "val" in splits:
+                errors.append(f"{Path(split_file).name}: has a 'val' split already; drop --val-ratio, or remove "
+                              "'val' from the file")
+            elif not splits.get("train"):
+                errors.append(f"{Path(split_file).name}: --val-ratio takes the 'val' images from the 'train' split, "
+                              f"but the file has none (splits: {', '.join(splits)})")
+            else:
+                carved = _ratio_split(splits.pop("train"), val_ratio, seed)
+                splits = {**carved, **splits}
     else:
         splits = _ratio_split(list(image_files), val_ratio, seed)
     for split in [s for s, stems in splits.items() if not stems]:

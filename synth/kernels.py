@@ -1,17 +1,17 @@
-"""Compiled (numba) kernels for the renderer's full-image passes.
+"""Compiled (numba) kernels for the renderer's passes over every pixel.
 
 Each kernel fuses what numpy does in several passes over a full-resolution array (each a read and a write
 of megabytes) into one loop: a texture lookup through the sum of two bank windows, the lit RGB build of a
-surface, and the sensor noise with the quantisation to uint8. They compute the same float32 arithmetic, in
-the same order, as the numpy expressions their docstrings give (tests/synth/test_kernels.py checks each one
-against that expression), so a rendered sample stays a pure function of (config, index) whatever the
-number of workers.
+surface, the sensor noise with the quantisation to uint8, the weave; and the per-pixel loops of a defect
+(stroke distances, the footprint restriction, the blend, a stain). They compute the same float32 arithmetic
+as the numpy expressions their docstrings give (tests/synth/test_kernels.py checks each one against that
+expression), so a rendered sample stays a pure function of (config, index) whatever the number of workers.
 
 Compiled once per machine and cached next to this file (numba's ``cache=True``; where that folder is not
-writable numba uses its user cache directory): the first render in a fresh environment compiles them (about
-ten seconds on a 2-core CPU), later processes load them in milliseconds.
+writable numba uses its user cache directory, and ``NUMBA_CACHE_DIR`` moves it): the first render in a fresh
+environment compiles them (about 4 s on a 2-core CPU), later processes load them in milliseconds.
 
-`mode` of the texture kernels: 0 writes ``out = v``, 1 adds ``out += v``, 2 multiplies ``out *= v``.
+`mode` of `pair_lookup`: 0 (SET) writes ``out = v``, 1 (ADD) adds ``out += v``, 2 (MUL) multiplies ``out *= v``.
 """
 
 from __future__ import annotations

@@ -376,11 +376,6 @@ def texture_linear(height: int, width: int, rng: np.random.Generator, recipe: st
     return out
 
 
-def lookup(idx: np.ndarray, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """values[idx] as float32 (a texture through any pointwise function, in one pass)."""
-    return np.take(np.asarray(values, dtype=np.float32), idx, out=out, mode="clip")
-
-
 _SENSOR: dict[int, np.ndarray] = {}
 
 

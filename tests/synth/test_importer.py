@@ -146,6 +146,25 @@ def test_split_file_and_unassigned_warning(tmp_path, caplog):
     assert {k: v["split"] for k, v in samples.items()} == {"gray": "train", "deep": "train", "photo": "test"}
 
 
+def test_val_ratio_with_a_split_file_carves_val_out_of_train_only(tmp_path):
+    make_folder(tmp_path)
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps({"train": ["gray", "deep", "rgba", "a.b"], "test": ["photo.JPG"]}))
+    info = import_folder(tmp_path / "images", tmp_path / "masks", tmp_path / "out", split_file=split_file,
+                         classes=["crack", "spot"], val_ratio=0.25, seed=1)
+    assert {s: v["num_samples"] for s, v in info["splits"].items()} == {"train": 3, "val": 1, "test": 1}
+    splits = {k: v["split"] for k, v in read_all(tmp_path / "out").items()}
+    assert splits["photo"] == "test" and sorted(k for k, s in splits.items() if s != "test") == \
+        sorted(["gray", "deep", "rgba", "a_b"])
+    for bad, expected in (({"train": ["gray"], "val": ["deep"]}, "has a 'val' split already"),
+                          ({"test": ["gray"]}, "takes the 'val' images from the 'train' split")):
+        split_file.write_text(json.dumps(bad))
+        with pytest.raises(ImportFailed, match=expected):
+            import_folder(tmp_path / "images", tmp_path / "masks", tmp_path / "bad", split_file=split_file,
+                          classes=["crack", "spot"], val_ratio=0.25)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_val_ratio_is_deterministic(tmp_path):
     make_folder(tmp_path)
     args = (tmp_path / "images", tmp_path / "masks")
