@@ -25,6 +25,7 @@ from pretrain.loop import Run, last_checkpoint, lr_factor
 from pretrain.tracking import class_palette, mask_grid
 from synth.config import ConfigError
 from synth.reader import list_keys, make_dataset
+from synth.shards import ShardError
 
 from .config import FinetuneConfig
 from .metrics import SegMetrics
@@ -166,8 +167,13 @@ def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bo
     run = Run(cfg, run_dir, job_type="finetune")
     acc, run_dir = run.accelerator, run.run_dir
     classes = make_dataset(shards, cfg.train_split).classes
-    if cfg.val_split:
-        make_dataset(shards, cfg.val_split)  # a missing split fails now, not at the first validation
+    if cfg.val_split:  # a missing split fails now, not at the first validation
+        try:
+            make_dataset(shards, cfg.val_split)
+        except ShardError as err:
+            raise ShardError(f"key 'val_split': {err}. Validate on a split carved from the training data "
+                             "(`synth import ... --val-ratio 0.15`), or set val_split=null; never on the "
+                             "split the models are compared on") from None
     subset = select_subset(list_keys(shards, cfg.train_split), cfg.train_samples, cfg.seed)
     model, mcfg = build_segmenter(cfg, classes)
     init_report = None

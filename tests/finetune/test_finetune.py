@@ -142,6 +142,8 @@ def test_freeze_and_architecture_errors_name_the_problem(shards, tmp_path, caplo
     assert "architecture" in caplog.text and "Unett" in caplog.text
     assert main([*args, "train_samples=1000"]) == 2
     assert "at most the 9 samples" in caplog.text
+    assert main([*args, "val_split=test"]) == 2  # the shards have train and val only
+    assert "key 'val_split': split 'test' not found" in caplog.text and "--val-ratio" in caplog.text
 
 
 def test_segmentation_metrics_match_hand_computed_values():
