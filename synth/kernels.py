@@ -53,19 +53,20 @@ def pair_lookup(bank, ya, xa, fa, yb, xb, fb, table, out, mode):
 def woven(xk, wyk, yk, wxk, table_u, table_v, out, top):
     """The weave's luminance (before its fine texture) into `out` and where the warp lies on top into `top`.
 
-    Per pixel: a = table_u[uint16(xk[x] + wyk[y])], b = table_v[uint16(yk[y] + wxk[x])] (thread profile signed
+    Per pixel: a = table_u[int(xk[x] + wyk[y])], b = table_v[int(yk[y] + wxk[x])] (thread profile signed
     by the thread's parity); the warp lies on top where a * b > 0; warp = |a| (0.7 + 0.3 b^2), weft =
     |b| (0.7 + 0.3 a^2); out = warp where on top, else weft.
     """
     h, w = out.shape
     k3 = np.float32(0.3)
     k7 = np.float32(0.7)
+    nu, nv = table_u.shape[0] - 1, table_v.shape[0] - 1
     for y in range(h):
         sy = wyk[y]
         ty = yk[y]
-        for x in range(w):
-            a = table_u[np.uint16(xk[x] + sy)]
-            b = table_v[np.uint16(ty + wxk[x])]
+        for x in range(w):  # indices truncated like astype(uint16), clamped to the tables (never read past them)
+            a = table_u[min(max(np.int64(xk[x] + sy), 0), nu)]
+            b = table_v[min(max(np.int64(ty + wxk[x]), 0), nv)]
             on = a * b > 0
             top[y, x] = on
             if on:
@@ -291,7 +292,7 @@ def blend_pixels(img, ys, xs, alpha, target):
 def stain(window, alpha, amount, tint, dark):
     """A stain on `window` (float32 (h, w, 3), in place): per channel c, f = amount * tint[c] * alpha;
     dark: window *= 1 - alpha * min(amount * tint[c], 0.95); light: window += (255 - window) * f."""
-    h, w = alpha.shape
+    h, w = min(alpha.shape[0], window.shape[0]), min(alpha.shape[1], window.shape[1])
     cap = np.float32(0.95)
     one = np.float32(1.0)
     white = np.float32(255.0)

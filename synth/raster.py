@@ -120,8 +120,17 @@ def lattice_coords(height: int, width: int, k: int) -> tuple[np.ndarray, np.ndar
     return y, x
 
 
+def check_lattice(lattice: np.ndarray, k: int, height: int, width: int) -> None:
+    """Raise unless `lattice` has the shape `smooth_lattice` gives a (height, width) image at step k (k == 0:
+    no lattice); the compiled kernels that read it do not check their indices."""
+    if k > 0 and lattice.shape != ((height - 1) // k + 2, (width - 1) // k + 2):
+        raise ValueError(f"lattice of shape {lattice.shape} does not sample a {height}x{width} image every {k} px; "
+                         f"expected {((height - 1) // k + 2, (width - 1) // k + 2)}")
+
+
 def expand_lattice(lattice: np.ndarray, k: int, height: int, width: int) -> np.ndarray:
     """The (height, width) float32 field that `lattice` (every k-th pixel) samples, interpolated bilinearly."""
+    check_lattice(lattice, k, height, width)
     out = np.empty((height, width), dtype=np.float32)
     kernels.expand_lattice(np.ascontiguousarray(lattice, dtype=np.float32), k, out)
     return out

@@ -18,6 +18,7 @@ from synth import kernels
 from synth.raster import (
     add_noise_to_uint8,
     bank_side,
+    check_lattice,
     expand_lattice,
     fractal_1d,
     lattice_coords,
@@ -326,6 +327,7 @@ def make_surface(kind: str, height: int, width: int, rng: np.random.Generator,
     out = np.empty((height, width, 3), dtype=np.float32)
     lattice = np.ascontiguousarray(lattice, dtype=np.float32)
     lum = np.ascontiguousarray(lum, dtype=np.float32)
+    check_lattice(lattice, k, height, width)
     if isinstance(color, _TwoColors):
         kernels.lit_rgb_two(lum, lattice, k, cap, color.top, color.first, color.second, out)
     else:

@@ -26,6 +26,8 @@ def test_expand_lattice_is_bilinear_and_exact_at_the_lattice(h: int, w: int, k: 
     out = expand_lattice(lat, k, h, w)
     np.testing.assert_allclose(out, _bilinear(lat, k, h, w), rtol=1e-6)
     np.testing.assert_array_equal(out[::k, ::k], lat[: len(range(0, h, k)), : len(range(0, w, k))])
+    with pytest.raises(ValueError, match="does not sample"):  # the kernel would read past a smaller lattice
+        expand_lattice(lat[:-1], k, h, w)
 
 
 @pytest.mark.parametrize("k", [0, 4])
