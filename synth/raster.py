@@ -94,8 +94,7 @@ def smooth_lattice(height: int, width: int, rng: np.random.Generator, coarse: fl
     `lat[i, j]` is pixel (i * k, j * k) (lat has (height - 1) // k + 2 rows and (width - 1) // k + 2 columns),
     zero-mean and unit-std like `fractal_noise`. Anything else smooth can be added to it on the lattice
     (`lattice_coords`) before `expand_lattice` or a kernel of synth/kernels.py interpolates it bilinearly to
-    every pixel; k is at most 8 and at most a quarter of the finest feature, where bilinear and bicubic
-    interpolation of the field differ by well under a grey level.
+    every pixel; k is at most 8 and at most a quarter of the finest feature size.
     """
     acc, cell, _, _ = _pyramid(height, width, rng, coarse, max(float(fine), 1.0), persistence)
     k = _row_step(cell)
