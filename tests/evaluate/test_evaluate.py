@@ -349,3 +349,11 @@ def test_attention_and_gradcam_maps_have_the_image_size_and_localization_is_scor
     saliency[2, 3], saliency[8, 8] = 3.0, 1.0
     score = localization(saliency, mask, tolerance=1)  # peak 1 px from the defect; 3 of 4 units of mass near it
     assert score["hit"] and score["energy"] == pytest.approx(0.75) and score["chance"] == pytest.approx(9 / 100)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs/study").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_config_loads_and_validates_its_stage_configs(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    if "crackforest" in path.stem and not (REPO.parent / "shared/data/crackforest").is_dir():
+        pytest.skip("../shared/data/crackforest is not here (the study imports it)")
+    assert load_study(path)["name"] == yaml.safe_load(path.read_text())["name"]
