@@ -17,7 +17,6 @@ import math
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from . import kernels
 
@@ -590,7 +589,7 @@ def restrict_to_footprint(ys: np.ndarray, xs: np.ndarray, alpha: np.ndarray, rad
     canvas[ys[fp] - y0, xs[fp] - x0] = True
     fy, fx = ys[faint] - y0, xs[faint] - x0
     # Chamfer (taxicab) distance never underestimates the Euclidean one, so this cut is conservative.
-    dist = ndimage.distance_transform_cdt(~canvas, metric="taxicab")
+    dist = kernels.city_block(canvas)
     near = dist[fy, fx] <= radius
     out[np.flatnonzero(faint)[~near]] = 0.0
     return out
@@ -614,7 +613,7 @@ def restrict_dense(alpha: np.ndarray, radius: float) -> np.ndarray:
         alpha[fy[~near], fx[~near]] = 0.0
         return alpha
     # Chamfer (taxicab) distance never underestimates the Euclidean one, so this cut is conservative.
-    dist = ndimage.distance_transform_cdt(~fp, metric="taxicab")
+    dist = kernels.city_block(fp)
     faint &= dist > radius
     alpha[faint] = 0.0
     return alpha

@@ -171,3 +171,14 @@ def test_stain_kernel_matches_the_numpy_stain(dark: bool) -> None:
     kernels.stain(window, alpha, amount, tint, dark)
     np.testing.assert_allclose(img, expected, rtol=1e-6)
     np.testing.assert_array_equal(img[:5], expected[:5])  # outside the window: untouched
+
+
+def test_city_block_is_scipys_taxicab_distance_transform():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    for shape, density in (((37, 51), 0.02), ((5, 80), 0.2), ((64, 64), 0.001)):
+        mask = rng.random(shape) < density
+        mask[rng.integers(shape[0]), rng.integers(shape[1])] = True
+        np.testing.assert_array_equal(kernels.city_block(mask),
+                                      ndimage.distance_transform_cdt(~mask, metric="taxicab"))
