@@ -58,7 +58,9 @@ class TrainingKeys(AugmentConfig):
     # data
     train_split: str = "train"
     val_split: str | None = "val"  # null = no validation
-    num_workers: int = 2  # DataLoader workers per process
+    # DataLoader workers per process. 1 by default: on the 2-core CPU of bench/README.md a second worker
+    # competes with the two compute threads (loop/bare 0.81-0.86 with 2, 0.88-0.90 with 1); raise it on a GPU.
+    num_workers: int = 1
     shuffle_buffer: int = 256
     trace_samples: bool = False  # write the sample keys each process trained on to RUN/samples/rank-<r>.txt
     # bookkeeping
