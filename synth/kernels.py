@@ -111,6 +111,14 @@ def expand_lattice(lat, k, out):
 
 
 @_jit
+def _lit_buffers(lat, k, w):
+    """What the lit-RGB kernels keep across rows: the lattice rows interpolated along x (the lattice itself when
+    k == 0, unused), the gain row (all ones when k == 0) and the clipped level of the row."""
+    rows = _lattice_rows(lat, k, w) if k > 0 else lat
+    return rows, np.ones(w, np.float32), np.empty(w, np.float32)
+
+
+@_jit
 def _lit_row(lum, rows, k, y, cap, gain, v):
     """v = clip(lum[y] * gain row y, 0, cap), the gain row from `rows` (k > 0) or 1 (k == 0, `gain` all ones)."""
     zero = np.float32(0.0)
@@ -129,9 +137,7 @@ def lit_rgb_const(lum, lat, k, cap, c0, c1, c2, out):
     see `synth.raster.smooth_lattice`), or 1 when k == 0. `lum` is not changed.
     """
     h, w = lum.shape
-    rows = _lattice_rows(lat, k, w) if k > 0 else lat
-    gain = np.ones(w, np.float32)
-    v = np.empty(w, np.float32)
+    rows, gain, v = _lit_buffers(lat, k, w)
     for y in range(h):
         _lit_row(lum, rows, k, y, cap, gain, v)
         dst = out[y]
@@ -145,9 +151,7 @@ def lit_rgb_const(lum, lat, k, cap, c0, c1, c2, out):
 def lit_rgb_two(lum, lat, k, cap, top_mask, first, second, out):
     """`lit_rgb_const` with colour `first` (float32 (3,)) where `top_mask` is true and `second` elsewhere."""
     h, w = lum.shape
-    rows = _lattice_rows(lat, k, w) if k > 0 else lat
-    gain = np.ones(w, np.float32)
-    v = np.empty(w, np.float32)
+    rows, gain, v = _lit_buffers(lat, k, w)
     for y in range(h):
         _lit_row(lum, rows, k, y, cap, gain, v)
         dst = out[y]
