@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from common import emit, median_seconds
 
+from defectforge.config import load_config
 from synth.compose import SynthConfig, render_sample
-from synth.config import load_config
 from synth.diffusion import Diffuser, _pad_to, build_unet, dilate, save_pipeline, training_scheduler, windows
 from synth.train_diffusion import DiffusionTrainConfig
 

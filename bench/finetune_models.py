@@ -28,10 +28,10 @@ import torch
 from common import emit
 from torch.utils.flop_counter import FlopCounterMode
 
+from defectforge.config import load_config
 from finetune.config import FinetuneConfig
 from finetune.models import build_segmenter
 from finetune.train import SegLoss
-from synth.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "finetune"

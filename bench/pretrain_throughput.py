@@ -7,7 +7,7 @@ One JSON line per measurement, {"bench", "value", "unit", "reference", "ratio", 
   AdamW / schedule). Reference: a bare loop with the same model (`pretrain.train.build_model`), batch size,
   AdamW parameter groups, clipping and losses (BCE on the logits + dense cross-entropy) on in-memory random
   tensors of the same shapes: no data, no augmentation, no mixing. Target: ratio >= 0.85.
-- `reader_<size>`: images/s the data path alone delivers (`pretrain.data.train_loader` with the loop's
+- `reader_<size>`: images/s the data path alone delivers (`defectforge.data.train_loader` with the loop's
   `num_workers`, shuffle buffer and crops, no model). Reference: the images/s the loop consumes (the `loop_`
   value). Target: ratio >= 2.
 
@@ -59,12 +59,12 @@ import torch
 import torch.nn.functional as F
 from common import emit
 
+from defectforge.config import load_config
+from defectforge.data import train_loader
+from defectforge.tracking import read_metrics
 from pretrain.config import PretrainConfig
-from pretrain.data import train_loader
-from pretrain.tracking import read_metrics
 from pretrain.train import build_model, param_groups, train
 from synth.compose import SynthConfig
-from synth.config import load_config
 from synth.generate import generate
 
 NUM_SAMPLES = 256

@@ -22,11 +22,11 @@ import numpy as np
 from common import emit
 from PIL import Image
 
+from defectforge.config import load_config
+from defectforge.reader import make_dataset
+from defectforge.shards import encode_sample, iter_raw_samples, write_shard
 from synth.compose import SynthConfig, render_sample
-from synth.config import load_config
 from synth.generate import generate, sample_key
-from synth.reader import make_dataset
-from synth.shards import encode_sample, iter_raw_samples, write_shard
 
 
 def parse_size(text: str) -> list[int]:

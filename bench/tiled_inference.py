@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from common import emit, median_seconds
 
+from defectforge.config import load_config
 from evaluate.cost import InferenceTimer
 from evaluate.tiling import tile_grid, tiled_logits
 from finetune.config import FinetuneConfig
 from finetune.models import build_segmenter
 from synth.compose import SynthConfig, render_sample
-from synth.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

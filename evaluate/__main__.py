@@ -8,8 +8,8 @@ import logging
 import shlex
 import sys
 
-from synth.config import ConfigError, load_config
-from synth.shards import ShardError
+from defectforge.config import ConfigError, load_config
+from defectforge.shards import ShardError
 
 log = logging.getLogger("evaluate")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from synth.config import require
+from defectforge.config import require
 
 from .tiling import BLENDS
 

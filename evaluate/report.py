@@ -23,8 +23,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from defectforge.tracking import class_palette  # noqa: E402
 from evaluate.metrics import mean_difference, miou_difference  # noqa: E402
-from pretrain.tracking import class_palette  # noqa: E402
 
 GB = 1024 ** 3
 
@@ -403,7 +403,7 @@ def _to_wandb(out: Path, payload: dict, doc: Doc) -> None:
         return
     import wandb
 
-    from pretrain.tracking import wandb_init_kwargs
+    from defectforge.tracking import wandb_init_kwargs
 
     kwargs = wandb_init_kwargs(out, name=cfg.get("name", "evaluate"), group=cfg.get("study"),
                                run_id=os.urandom(4).hex(), job_type="evaluate")

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from defectforge.reader import load_info, make_dataset
 from finetune.models import load_segmenter
-from synth.reader import load_info, make_dataset
 
 from .config import EvalConfig
 from .cost import InferenceTimer, gflops, parameters, time_inference
@@ -80,8 +80,8 @@ def speed_image(images: list[dict], size: list[int], seed: int) -> tuple[torch.T
     for sample in images:
         if list(sample["image"].shape[-2:]) == list(size):
             return sample["image"], f"evaluation image {sample['key']}"
+    from defectforge.config import load_config
     from synth.compose import SynthConfig, render_sample
-    from synth.config import load_config
 
     cfg = load_config(SynthConfig, None, {"image_size": list(size), "seed": seed})
     image, _, _ = render_sample(cfg, 0)

@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
+from defectforge.config import ConfigError, _closest, load_config, parse_overrides
 from finetune.config import FinetuneConfig
 from pretrain.config import PretrainConfig
 from synth.compose import SynthConfig
-from synth.config import ConfigError, _closest, load_config, parse_overrides
 
 from .config import EvalConfig
 

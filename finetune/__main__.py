@@ -5,7 +5,7 @@ See docs/finetune.md for every key; docs/scaling.md applies as for pretrain.
 
 import sys
 
-from pretrain.cli import training_main
+from defectforge.cli import training_main
 
 from .config import FinetuneConfig
 

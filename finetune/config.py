@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.config import TrainingKeys, validate_training_keys
-from synth.config import require
+from defectforge.config import require
+from defectforge.training import TrainingKeys, validate_training_keys
 
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
                  "PAN", "Linknet", "MAnet", "Segformer")
@@ -30,14 +30,14 @@ class FinetuneConfig(TrainingKeys):
     crop_size: int = 512
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
     shuffle_buffer: int = 64
-    # augmentation (pretrain/augment.py), image and mask alike; the other AugmentConfig defaults are kept
+    # augmentation (defectforge/augment.py), image and mask alike; the other AugmentConfig defaults are kept
     color_jitter: float = 0.5
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     # loss
     loss: str = "ce_dice"
     dice_weight: float = 1.0
     class_weights: Any = None  # null | auto (from training-pixel frequencies) | [w_background, w_1, ...]
-    # optimisation (pretrain/loop.py): the TrainingKeys, with these defaults
+    # optimisation (defectforge/loop.py): the TrainingKeys, with these defaults
     batch_size: int = 8
     max_steps: int = 2000
     lr: float = 3e-4

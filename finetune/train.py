@@ -1,4 +1,4 @@
-"""Segmentation fine-tuning on the shared Accelerate loop (`pretrain/loop.py`).
+"""Segmentation fine-tuning on the shared Accelerate loop (`defectforge/loop.py`).
 
 Per optimizer step: `grad_accum` random `crop_size` crops from the training shards (a deterministic
 `train_samples` subset when asked) -> augmentation of image and mask alike -> normalisation ->
@@ -19,13 +19,13 @@ from PIL import Image
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 from timm.optim import param_groups_weight_decay
 
-from pretrain.augment import augment_batch, build_augment
-from pretrain.data import to_device, train_loader
-from pretrain.loop import Run, last_checkpoint, lr_factor
-from pretrain.tracking import class_palette, mask_grid
-from synth.config import ConfigError
-from synth.reader import list_keys, make_dataset
-from synth.shards import ShardError
+from defectforge.augment import augment_batch, build_augment
+from defectforge.config import ConfigError
+from defectforge.data import to_device, train_loader
+from defectforge.loop import Run, last_checkpoint, lr_factor
+from defectforge.reader import list_keys, make_dataset
+from defectforge.shards import ShardError
+from defectforge.tracking import class_palette, mask_grid
 
 from .config import FinetuneConfig
 from .metrics import SegMetrics

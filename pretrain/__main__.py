@@ -5,7 +5,8 @@ See docs/pretrain.md for every key and docs/scaling.md for several GPUs and mach
 
 import sys
 
-from .cli import training_main
+from defectforge.cli import training_main
+
 from .config import PretrainConfig
 
 

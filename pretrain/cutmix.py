@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synth.config import ConfigError
+from defectforge.config import ConfigError
 
 LABEL_MODES = ("area", "mask")
 

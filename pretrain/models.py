@@ -290,7 +290,7 @@ def load_weights(model: nn.Module, path: str | Path, *, strict_shapes: bool = Tr
 def model_config(model_name: str, *, num_classes: int, classes: list[str], img_size: int | tuple[int, int] | None,
                  global_pool: str | None, kwargs: dict, mean: Any, std: Any) -> dict:
     """Everything ``load_model`` needs to rebuild the architecture (JSON-serialisable)."""
-    from synth import __version__
+    from defectforge import __version__
 
     try:
         json.dumps(kwargs)

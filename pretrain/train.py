@@ -4,7 +4,7 @@ Per optimizer step on every process: `grad_accum` batches from the shard stream 
 (image and mask alike) -> labels from the augmented masks -> CutMix/Mixup (masks included) -> normalisation
 -> BCE on the multi-label logits (+ cross-entropy of the dense head) -> AdamW, clipping, cosine schedule.
 
-The loop itself (checkpoints, exact resume, NaN stop, logging) is `pretrain/loop.py`, shared with finetune.
+The loop itself (checkpoints, exact resume, NaN stop, logging) is `defectforge/loop.py`, shared with finetune.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from timm.data import resolve_data_config
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
-from synth.reader import make_dataset
+from defectforge.augment import augment_batch, build_augment
+from defectforge.data import to_device, train_loader, val_loader
+from defectforge.loop import NonFiniteLoss, Run, checkpoints, last_checkpoint, lr_factor  # noqa: F401  (re-exported)
+from defectforge.reader import make_dataset
+from defectforge.tracking import class_palette, mask_grid
 
-from .augment import augment_batch, build_augment
 from .config import PretrainConfig
 from .cutmix import mix_batch
-from .data import to_device, train_loader, val_loader
-from .loop import NonFiniteLoss, Run, checkpoints, last_checkpoint, lr_factor  # noqa: F401  (re-exported)
 from .metrics import multilabel_ap
 from .models import PretrainNet, create_backbone, model_config, save_model
-from .tracking import class_palette, mask_grid
 
 log = logging.getLogger("pretrain")
 

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .shards import ShardError
+from defectforge.config import ConfigError
+from defectforge.shards import ShardError
 
 log = logging.getLogger("synth")
 
@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from defectforge.config import load_config
+
     from .compose import SynthConfig
-    from .config import load_config
     from .generate import generate
 
     cfg = load_config(SynthConfig, args.config, args.overrides)
@@ -101,7 +102,7 @@ def _stats(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train-diffusion"]:  # its own parser: the shared training command line (pretrain/cli.py)
+    if argv[:1] == ["train-diffusion"]:  # its own parser: the shared training command line (defectforge/cli.py)
         from .train_diffusion import main as train_diffusion
 
         return train_diffusion(argv[1:])

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, require
+from defectforge.config import ConfigError, require
+
 from .defects import DEFECT_KINDS, place_defect
 from .surfaces import SURFACE_KINDS, crop_background, draw_imaging, make_surface
 

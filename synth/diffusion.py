@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
 from torch import Tensor
 
-from .config import ConfigError
+from defectforge.config import ConfigError
 
 MODEL_INFO = "defectforge.json"
 MODEL_KIND = "defectforge-inpaint"

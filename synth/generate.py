@@ -22,9 +22,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from .compose import SynthConfig, background_files, render_sample
-from .config import ConfigError, save_config, to_dict
-from .shards import (
+from defectforge.config import ConfigError, save_config, to_dict
+from defectforge.shards import (
     INFO_NAME,
     TMP_SUFFIX,
     Sample,
@@ -35,6 +34,8 @@ from .shards import (
     write_info,
     write_shard,
 )
+
+from .compose import SynthConfig, background_files, render_sample
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"

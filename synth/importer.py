@@ -21,8 +21,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from .config import ConfigError
-from .shards import Sample, ShardRecord, encode_sample, shard_name, write_info, write_shard
+from defectforge.config import ConfigError
+from defectforge.shards import Sample, ShardRecord, encode_sample, shard_name, write_info, write_shard
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .shards import ShardError, decode_raw, iter_raw_samples, read_info, split_files
+from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_info, split_files
+from defectforge.tracking import class_colors
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,6 @@ def _pick(info: dict, split: str, num: int, seed: int) -> set[int]:
         raise ShardError(f"split '{split}' has no sample to preview")
     chosen = np.random.default_rng(seed).choice(pool, size=min(num, pool), replace=False)
     return {int(i) for i in chosen}
-
-
-def class_colors(classes: list[str]) -> list[tuple[float, float, float]]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if len(classes) <= 11 else "tab20"]
-    # Index 0 (background) is never drawn; class k gets the k-th color of the map.
-    return [(0.0, 0.0, 0.0)] + [tuple(cmap((k - 1) % cmap.N)[:3]) for k in range(1, len(classes))]
 
 
 def _describe(meta: dict) -> tuple[str, str]:

@@ -2,7 +2,7 @@
 
     accelerate launch -m synth train-diffusion --config configs/synth/diffusion.yaml --shards DIR [DIR ...] --out RUN
 
-Driven by the same Accelerate loop as pretraining (`pretrain.loop.Run`: checkpoints, exact resume, W&B,
+Driven by the same Accelerate loop as pretraining (`defectforge.loop.Run`: checkpoints, exact resume, W&B,
 metrics.jsonl). Each training sample becomes an inpainting task (synth/diffusion.py for the model):
 
 - an image with defects: one of its defect classes is picked, the region to regenerate is that class's mask
@@ -33,16 +33,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pretrain.augment import augment_batch, build_augment
-from pretrain.config import TrainingKeys, validate_training_keys
-from pretrain.data import to_device, train_loader, val_loader
-from pretrain.loop import Run, last_checkpoint, lr_factor
-from pretrain.tracking import class_palette, mask_grid
+from defectforge import __version__
+from defectforge.augment import augment_batch, build_augment
+from defectforge.config import require
+from defectforge.data import to_device, train_loader, val_loader
+from defectforge.loop import Run, last_checkpoint, lr_factor
+from defectforge.reader import make_dataset
+from defectforge.tracking import class_palette, mask_grid
+from defectforge.training import TrainingKeys, validate_training_keys
 
-from . import __version__
-from .config import require
 from .diffusion import PREDICTION_TYPES, DefectInpaintPipeline, build_unet, save_pipeline, training_scheduler
-from .reader import make_dataset
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class DiffusionTrainConfig(TrainingKeys):
     dilation: int = 2
     full_prob: float = 0.2
     outside_weight: float = 0.1
-    # optimisation (pretrain/loop.py): the TrainingKeys, with these defaults
+    # optimisation (defectforge/loop.py): the TrainingKeys, with these defaults
     batch_size: int = 16  # per process
     max_steps: int = 20000
     lr: float = 2e-4
@@ -279,7 +279,7 @@ def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pretrain.cli import training_main
+    from defectforge.cli import training_main
 
     return training_main("synth train-diffusion", __doc__, DiffusionTrainConfig, train, "max_steps=2000 image_size=64",
                          argv, config_example="configs/synth/diffusion.yaml", multi_shards=True)

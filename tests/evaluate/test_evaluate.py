@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
+from defectforge.config import ConfigError
 from evaluate.__main__ import main
 from evaluate.metrics import EvalMetrics, miou_difference, miou_from_confusion
 from evaluate.run import _prepare
 from evaluate.study import load_study, run_study
 from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
-from synth.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -256,9 +256,9 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
     assert results["results"][0]["cost"]["tiled"]["image_size"] == [160, 288]
     assert results["images"] == 3 + 2  # target val split and the two large scenes
 
+    from defectforge.config import load_config
     from evaluate.config import EvalConfig
     from evaluate.run import evaluate
-    from synth.config import load_config
     from tests.synth.helpers import make_shards
 
     other = tmp_path / "two-classes"
@@ -328,10 +328,10 @@ def test_a_study_on_a_real_folder_imports_it_and_times_on_a_procedural_4k_scene(
 
 
 def test_attention_and_gradcam_maps_have_the_image_size_and_localization_is_scored_by_hand():
+    from defectforge.config import load_config
     from evaluate.interpret import attention_map, gradcam_map, localization
     from finetune.config import FinetuneConfig
     from finetune.models import build_segmenter
-    from synth.config import load_config
 
     vit, _ = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "encoder_kwargs": {
         "embed_dim": 48, "num_heads": 2}}), ["background", "crack"])

@@ -8,6 +8,7 @@ import safetensors.torch
 import timm
 import torch
 
+from defectforge.config import ConfigError, load_config
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
 from finetune.metrics import SegMetrics
@@ -15,7 +16,6 @@ from finetune.models import build_segmenter, freeze, load_init, load_segmenter
 from finetune.train import SegLoss, select_subset, train
 from pretrain.config import PretrainConfig
 from pretrain.train import train as pretrain
-from synth.config import ConfigError, load_config
 from synth.importer import import_folder
 from tests.synth.helpers import make_shards
 
@@ -162,19 +162,20 @@ def test_segmentation_metrics_match_hand_computed_values():
 
 
 @pytest.mark.skipif(not CRACKFOREST.is_dir(), reason=f"{CRACKFOREST} is absent")
-def test_a_short_crackforest_run_improves_iou_over_its_first_evaluation(tmp_path):
+def test_a_short_crackforest_run_finds_the_cracks(tmp_path):
     shards = tmp_path / "cf"
     import_folder(CRACKFOREST / "images", CRACKFOREST / "masks", shards, split_file=CRACKFOREST / "split.json",
-                  classes=["crack"], name="crackforest", val_ratio=0.0, seed=0, shard_size=32, mask_mode="index",
+                  classes=["crack"], name="crackforest", val_ratio=0.15, seed=0, shard_size=32, mask_mode="index",
                   overwrite=False)
     cfg = config(model="resnet18", architecture="Unet", crop_size=128, batch_size=8, max_steps=40, lr=1e-3,
-                 warmup_steps=5, val_split="test", val_every=20, checkpoint_every=40, num_workers=1,
+                 warmup_steps=5, val_split="val", val_every=40, checkpoint_every=40, num_workers=1,
                  class_weights=[1.0, 5.0])
     train(cfg, str(shards), tmp_path / "run", progress=False)
     records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     crack_iou = [r["val_IoU/crack"] for r in records if "val_IoU/crack" in r]
-    assert len(crack_iou) == 2
-    assert crack_iou[-1] > crack_iou[0] + 0.05, crack_iou  # measured: 0.06 -> 0.32 (2-core CPU)
+    assert len(crack_iou) == 1
+    # cracks are 1.6% of the pixels: all-background scores 0, all-crack about 0.016; measured 0.29-0.32 (2 cores)
+    assert crack_iou[0] > 0.15, crack_iou
 
 
 @pytest.mark.distributed
@@ -200,8 +201,8 @@ def test_two_accelerate_processes_train_a_vit_with_frozen_blocks(shards, tmp_pat
 
 
 def test_auto_class_weights_come_from_training_pixels(shards):
+    from defectforge.reader import make_dataset
     from finetune.train import auto_class_weights
-    from synth.reader import make_dataset
 
     classes = make_dataset(shards, "train").classes
     weights = auto_class_weights(str(shards), "train", classes, None)

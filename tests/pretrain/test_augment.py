@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.augment import AugmentConfig, augment_batch, build_augment
+from defectforge.augment import AugmentConfig, augment_batch, build_augment
 
 VALUES = torch.tensor([0, 1, 2, 5])
 GEOMETRY_ONLY = {"color_jitter": 0.0, "resized_crop": False}
@@ -106,7 +106,7 @@ def test_color_jitter_changes_the_image_only() -> None:
 def test_adjust_colors_equals_torchvision_where_nothing_clips() -> None:
     from torchvision.transforms.v2 import functional as TF
 
-    from pretrain.augment import adjust_colors
+    from defectforge.augment import adjust_colors
 
     torch.manual_seed(3)
     images = 0.35 + 0.3 * torch.rand(4, 3, 20, 24)  # mid-range: no step of torchvision's clips
@@ -122,7 +122,7 @@ def test_adjust_colors_equals_torchvision_where_nothing_clips() -> None:
 
 
 def test_color_jitter_scales_gray_by_brightness_and_keeps_luma_ratio() -> None:
-    from pretrain.augment import LUMA, adjust_colors
+    from defectforge.augment import LUMA, adjust_colors
 
     gray = torch.full((2, 3, 8, 8), 0.4)
     gray[1] = torch.linspace(0.2, 0.6, 64).view(8, 8)  # a neutral ramp

@@ -12,13 +12,13 @@ import safetensors.torch
 import timm
 import torch
 
+from defectforge.config import ConfigError, load_config
+from defectforge.tracking import read_metrics
 from pretrain.__main__ import main
 from pretrain.config import PretrainConfig
 from pretrain.metrics import average_precision, multilabel_ap
 from pretrain.models import load_model
-from pretrain.tracking import read_metrics
 from pretrain.train import NonFiniteLoss, checkpoints, train
-from synth.config import ConfigError, load_config
 from tests.synth.helpers import make_shards
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from defectforge.config import load_config
 from synth.compose import SynthConfig
-from synth.config import load_config
 from synth.generate import generate
 
 

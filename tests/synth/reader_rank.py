@@ -6,7 +6,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from synth.reader import make_dataset
+from defectforge.reader import make_dataset
 
 if __name__ == "__main__":
     folder, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]

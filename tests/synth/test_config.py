@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
+from defectforge.config import ConfigError, load_config, parse_overrides, save_config
 from synth.compose import SynthConfig
-from synth.config import ConfigError, load_config, parse_overrides, save_config
 
 
 def write(tmp_path, text):

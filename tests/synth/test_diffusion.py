@@ -12,8 +12,9 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from defectforge.config import ConfigError, load_config
+from defectforge.reader import make_dataset
 from synth.compose import SynthConfig
-from synth.config import ConfigError, load_config
 from synth.diffusion import (
     DefectInpaintPipeline,
     build_unet,
@@ -24,7 +25,6 @@ from synth.diffusion import (
     windows,
 )
 from synth.generate import generate
-from synth.reader import make_dataset
 from synth.train_diffusion import DiffusionTrainConfig, make_regions, train
 
 TINY = {"image_size": 32, "channels": [16, 32], "layers_per_block": 1, "norm_groups": 8, "batch_size": 4,

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from defectforge.config import ConfigError
+from defectforge.shards import decode_raw, iter_raw_samples, read_info, sha256_file
 from synth import generate as generate_mod
 from synth.compose import render_sample
-from synth.config import ConfigError
 from synth.generate import plan_shards
-from synth.shards import decode_raw, iter_raw_samples, read_info, sha256_file
 
 from .helpers import make_shards, tiny_config
 

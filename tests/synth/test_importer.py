@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectforge.shards import decode_raw, iter_raw_samples, read_info
 from synth.importer import ImportFailed, find_defects, import_folder
-from synth.shards import decode_raw, iter_raw_samples, read_info
 
 CRACKFOREST = Path(__file__).resolve().parents[3] / "shared" / "data" / "crackforest"
 H, W = 53, 37  # odd sizes catch any width/height swap

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectforge.shards import encode_sample, shard_name, write_info, write_shard
 from synth.importer import import_folder
 from synth.inspect import _pick, _thumbnail, format_stats, preview, stats
-from synth.shards import encode_sample, shard_name, write_info, write_shard
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from synth.reader import make_dataset, resolve_shards
-from synth.shards import ShardError, decode_raw, iter_raw_samples, read_info
+from defectforge.reader import make_dataset, resolve_shards
+from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_info
 
 from .helpers import make_shards
 
@@ -108,7 +108,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(shards, tmp_
     info["splits"] = {"train": {**info["splits"]["train"], "filenames": names}}
     (bad / "_info.json").write_text(json.dumps(info))
     ds = make_dataset(bad, "train")
-    with caplog.at_level(logging.WARNING, logger="synth.reader"):
+    with caplog.at_level(logging.WARNING, logger="defectforge.reader"):
         keys = keys_of(ds)
     assert "00000001" not in keys and {"00000000", "00000002"} <= set(keys)
     assert ds.skipped.count >= 2

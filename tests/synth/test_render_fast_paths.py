@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from defectforge.config import load_config
 from synth.compose import SynthConfig, render_sample
-from synth.config import load_config
 from synth.defects import DEFECT_KINDS, draw_defect
 from synth.raster import (
     add_noise_to_uint8,
@@ -43,7 +43,7 @@ def test_sample_does_not_depend_on_what_the_process_rendered_before() -> None:
     here = _digest(render_sample(cfg, 7))
     code = (
         "import hashlib, json; from synth.compose import SynthConfig, render_sample; "
-        "from synth.config import load_config; "
+        "from defectforge.config import load_config; "
         "im, m, meta = render_sample(load_config(SynthConfig, None, {'image_size': [96, 160]}), 7); "
         "h = hashlib.sha256(im.tobytes()); h.update(m.tobytes()); "
         "h.update(json.dumps(meta, sort_keys=True).encode()); print(h.hexdigest())"

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synth.config import ConfigError
+from defectforge.config import ConfigError
 
 
 @dataclass

@@ -123,7 +123,7 @@ def decode_sample(sample: dict, num_classes: int, compact: bool = False) -> dict
     """Raw tar members -> {"image": float (3,H,W) in [0,1], "mask": long (H,W), "labels": float (K,), ...}.
 
     `compact=True` keeps the image and the mask as uint8 (0-255 and class indices): a quarter of the bytes to
-    copy between loader workers and the trainer, which converts them on its device (`pretrain.data.to_device`).
+    copy between loader workers and the trainer, which converts them on its device (`defectforge.data.to_device`).
     """
     key = sample.get("__key__", "?")
     ext = next((e for e in IMAGE_EXTS if e in sample), None)

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from synth.config import ConfigError, save_config, to_dict
+from defectforge.config import ConfigError, save_config, to_dict
 
 from .tracking import MetricsLog, wandb_init_kwargs
 

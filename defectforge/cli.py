@@ -7,8 +7,8 @@ import json
 import logging
 from collections.abc import Callable
 
-from synth.config import ConfigError, load_config
-from synth.shards import ShardError
+from defectforge.config import ConfigError, load_config
+from defectforge.shards import ShardError
 
 from .loop import NonFiniteLoss
 

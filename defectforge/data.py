@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from webdataset.utils import pytorch_worker_info
 
-from synth.reader import make_dataset
+from defectforge.reader import make_dataset
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

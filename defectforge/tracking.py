@@ -1,4 +1,4 @@
-"""What a training run records: `metrics.jsonl`, the W&B tracker settings and image grids (pretrain, finetune)."""
+"""What a run records: `metrics.jsonl`, the W&B tracker settings, class colours and image grids (every stage)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 from torch import Tensor
-
-from synth.inspect import class_colors
 
 
 class MetricsLog:
@@ -68,6 +66,14 @@ def mask_grid(images: Tensor, masks: Tensor, palette: np.ndarray, *, max_items: 
         ms = ms.argmax(1)
     colored = palette[ms.numpy().clip(0, len(palette) - 1)]
     return np.concatenate([np.concatenate(list(imgs), axis=1), np.concatenate(list(colored), axis=1)], axis=0)
+
+
+def class_colors(classes: list[str]) -> list[tuple[float, float, float]]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 11 else "tab20"]
+    # Index 0 (background) is never drawn; class k gets the k-th color of the map.
+    return [(0.0, 0.0, 0.0)] + [tuple(cmap((k - 1) % cmap.N)[:3]) for k in range(1, len(classes))]
 
 
 def class_palette(classes: list[str]) -> np.ndarray:
