@@ -27,6 +27,7 @@ from torch import nn
 from pretrain.models import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    family_of,
     load_run,
     load_weights,
     probe_model,
@@ -72,7 +73,7 @@ class Segmenter(nn.Module):
 
 
 def default_architecture(resolved: str, probe: nn.Module | None) -> str:
-    if probe is not None and hasattr(probe, "num_prefix_tokens"):
+    if probe is not None and family_of(probe) in ("ViT", "ViT-Hybrid"):
         return "DPT"
     if "swin" in resolved or "convnext" in resolved:
         return "UPerNet"

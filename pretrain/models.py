@@ -20,6 +20,7 @@ Notes on families (timm 1.0.x):
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import json
 import logging
@@ -87,6 +88,28 @@ def _init_params(model: nn.Module) -> set[str]:
 
 def _is_token_model(model: nn.Module) -> bool:
     return hasattr(model, "num_prefix_tokens")
+
+
+FAMILIES = ("ViT", "ViT-Hybrid", "Swin", "CNN")
+
+
+def family_of(model: nn.Module) -> str:
+    """The family of a built timm model (or a segmentation model's timm encoder): ViT, ViT-Hybrid, Swin or CNN.
+
+    Decided by structure: a model with prefix tokens is a ViT, a hybrid when its patch embedding runs a
+    convolutional backbone; a timm Swin (its module) is Swin; everything else is a CNN.
+    """
+    if _is_token_model(model):
+        return "ViT-Hybrid" if hasattr(getattr(model, "patch_embed", None), "backbone") else "ViT"
+    return "Swin" if "swin" in type(model).__module__ else "CNN"
+
+
+@functools.cache
+def model_family(name: str) -> str:
+    """The family (`family_of`) of a timm name or alias, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = timm.create_model(resolve_model_name(name).split(".")[0], pretrained=False)
+    return family_of(model)
 
 
 def _check_img_size(model: nn.Module, resolved: str, img_size: int | tuple[int, int]) -> None:
