@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m evaluate study configs/study/quickstart.yaml --out $(DEMO)
+	$(BIN)/python -m study configs/study/quickstart.yaml --out $(DEMO)
 	$(BIN)/python -m synth preview $(DEMO)/data/target --out $(DEMO)/target_preview.png
 	@echo "demo: report in $(DEMO)/report/report.html (and report.md), runs in $(DEMO)/pretrain and $(DEMO)/finetune"
 

@@ -1,5 +1,5 @@
-"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out REPORT_DIR [key=value ...]`
-and `python -m evaluate study configs/study/<name>.yaml`. See docs/evaluate.md."""
+"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`.
+See docs/evaluate.md. (The study runner moved to `python -m study CONFIG`.)"""
 
 from __future__ import annotations
 
@@ -24,29 +24,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="report folder")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="key=value, e.g. tile_size=512 overlap=0.1 blend=gaussian")
-    s = sub.add_parser("study", help="run a whole comparison from one config (synth, pretrain, finetune, evaluate)")
-    s.add_argument("config", help="e.g. configs/study/quickstart.yaml")
-    s.add_argument("--out", help="study folder (default: runs/study/<name>)")
-    s.add_argument("overrides", nargs="*", help="key=value overrides of the study config")
+    s = sub.add_parser("study", help="moved: use `python -m study CONFIG [--out DIR] [key=value ...]`")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.command == "study":  # the study runner drives every stage, so it lives downstream of evaluate
+        log.error("`python -m evaluate study` moved to `python -m study CONFIG [--out DIR] [key=value ...]`, e.g. "
+                  "python -m study %s", shlex.join(args.rest) or "configs/study/quickstart.yaml")
+        return 2
     try:
-        if args.command == "run":
-            from .config import EvalConfig
-            from .run import evaluate
+        from .config import EvalConfig
+        from .run import evaluate
 
-            cfg = load_config(EvalConfig, args.config, args.overrides)
-            command = "python -m evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
-            path = evaluate(cfg, args.models, args.shards, args.out, progress=not args.no_progress,
-                            commands=[command])
-        else:
-            from .study import run_study
-
-            path = run_study(args.config, args.out, args.overrides)
+        cfg = load_config(EvalConfig, args.config, args.overrides)
+        command = "python -m evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+        path = evaluate(cfg, args.models, args.shards, args.out, progress=not args.no_progress, commands=[command])
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2

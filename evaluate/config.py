@@ -28,6 +28,10 @@ class EvalConfig:
     thresholds: int = 20  # ODS/OIS thresholds (k + 0.5) / thresholds
     seam_band: int = 4  # px on each side of an inner tile edge counted as "near a seam"
     claim_margin: float = 0.01  # mIoU gain below which "A wins on accuracy" counts as no win (report claims)
+    # a model whose defect mIoU is below this "did not learn" (so does one predicting one class everywhere), and
+    # every claim involving it is inconclusive; 0.05 is far above the 0.000-0.006 of models that mark (almost)
+    # nothing and far below what a model that finds the defects reaches (docs/evaluate.md)
+    learned_floor: float = 0.05
     # interpretability (evaluate/interpret.py): ViT attention vs CNN Grad-CAM against the defect masks
     interpret_images: int = 8  # images with a defect scored per model (0 = off)
     interpret_tolerance: int = 8  # px around a defect that count as "on the defect"
@@ -56,6 +60,7 @@ class EvalConfig:
         require(2 <= self.thresholds <= 200, "thresholds", self.thresholds, "an integer in [2, 200]")
         require(0 <= self.seam_band <= 64, "seam_band", self.seam_band, "an integer in [0, 64]")
         require(0 <= self.claim_margin < 1, "claim_margin", self.claim_margin, "an mIoU difference in [0, 1)")
+        require(0 <= self.learned_floor < 1, "learned_floor", self.learned_floor, "a defect mIoU in [0, 1)")
         require(len(self.speed_size) == 2 and all(64 <= s <= 16384 for s in self.speed_size), "speed_size",
                 self.speed_size, "[H, W], each between 64 and 16384")
         require(self.repeats >= 1, "repeats", self.repeats, "an integer >= 1")

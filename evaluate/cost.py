@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import platform
 import resource
-import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .records import Timing
 from .tiling import tile_grid, tiled_logits
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,26 @@ def _peak(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) with linear interpolation (numpy's default)."""
+    v = sorted(values)
+
+    def at(q: float) -> float:
+        pos = q * (len(v) - 1)
+        lo = math.floor(pos)
+        return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+    return at(0.25), at(0.5), at(0.75)
+
+
 class InferenceTimer:
     """Wall time and peak memory of each measured inference (`with timer.measure(): ...`)."""
 
     def __init__(self, device: torch.device):
-        self.device, self.times, self.peak, self.increase = device, [], 0, 0
+        self.device = device
+        self.times: list[float] = []
+        self.memory: list[int] = []  # per run: CUDA peak allocated, or the peak RSS increase over the RSS before
+        self.peak, self.increase = 0, 0
 
     @contextlib.contextmanager
     def measure(self):
@@ -82,25 +99,38 @@ class InferenceTimer:
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter() - start)
         peak = _peak(self.device)
+        self.memory.append(int(peak if self.device.type == "cuda" else max(0, peak - base)))
         self.peak, self.increase = max(self.peak, peak), max(self.increase, peak - base)
 
-    def summary(self, tiles: int, image_size: tuple[int, int] | list[int]) -> dict:
-        median = statistics.median(self.times)
-        return {"seconds_per_image": median, "seconds_all": self.times, "tiles": tiles, "tiles_per_s": tiles / median,
-                "peak_memory_bytes": int(self.peak), "memory_increase_bytes": int(max(0, self.increase)),
-                "memory_kind": "cuda_peak_allocated" if self.device.type == "cuda" else "peak_rss",
-                "image_size": [int(v) for v in image_size]}
+    def summary(self, tiles: int, image_size: tuple[int, int] | list[int], source: str = "") -> Timing:
+        q1, median, q3 = quartiles(self.times)
+        return Timing(seconds_per_image=median, seconds_all=list(self.times), seconds_min=min(self.times),
+                      seconds_max=max(self.times), seconds_q1=q1, seconds_q3=q3, tiles=tiles,
+                      tiles_per_s=tiles / median, peak_memory_bytes=int(self.peak),
+                      memory_increase_bytes=int(max(0, self.increase)), memory_runs=list(self.memory),
+                      memory_kind="cuda_peak_allocated" if self.device.type == "cuda" else "peak_rss",
+                      image_size=[int(v) for v in image_size], source=source, rounds=len(self.times))
+
+
+def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, repeats: int,
+                     warmup: int) -> dict[str, InferenceTimer]:
+    """Time every entry of `runs` in alternation: `warmup` untimed rounds, then `repeats` timed rounds, each
+    round calling A, B, C, ... once, so that a slow phase of a shared machine falls on every model alike."""
+    timers = {name: InferenceTimer(device) for name in runs}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for once in runs.values():
+                once()
+        for _ in range(repeats):
+            for name, once in runs.items():
+                with timers[name].measure():
+                    once()
+    return timers
 
 
 def time_inference(model: torch.nn.Module, image: torch.Tensor, *, tile: int, overlap: float, blend: str, batch: int,
-                   repeats: int, warmup: int, accumulate: str | None = None, whole: bool = False,
-                   timer: InferenceTimer | None = None) -> dict:
-    """Median seconds per image (after `warmup` untimed runs), tiles/s, and peak memory of the timed runs.
-
-    A `timer` that already holds measurements of the same image size (taken during the accuracy pass) is
-    completed to `repeats` measurements.
-    """
-    timer = timer or InferenceTimer(image.device)
+                   repeats: int, warmup: int, accumulate: str | None = None, whole: bool = False) -> Timing:
+    """One model alone: median seconds per image (after `warmup` untimed runs), tiles/s and peak memory."""
 
     def once() -> None:
         if whole:
@@ -108,11 +138,6 @@ def time_inference(model: torch.nn.Module, image: torch.Tensor, *, tile: int, ov
         else:
             tiled_logits(model, image, tile=tile, overlap=overlap, blend=blend, batch=batch, accumulate=accumulate)
 
-    with torch.no_grad():
-        for _ in range(warmup):
-            once()
-        while len(timer.times) < repeats:
-            with timer.measure():
-                once()
+    timer = time_interleaved({"model": once}, image.device, repeats=repeats, warmup=warmup)["model"]
     h, w = image.shape[-2:]
     return timer.summary(1 if whole else len(tile_grid(h, w, tile, overlap)), (h, w))

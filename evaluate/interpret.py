@@ -16,7 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import _dilate
+from pretrain.models import family_of
+
+from .metrics import dilate
+from .records import Interpretability
 
 CROP = 512
 
@@ -30,7 +33,8 @@ def _pad(model, image: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def is_vit(model) -> bool:
-    return hasattr(model.encoder, "blocks") and hasattr(model.encoder, "num_prefix_tokens")
+    """Attention maps for ViTs and hybrids (`model.encoder` is the Segmenter's timm encoder)."""
+    return family_of(model.encoder) in ("ViT", "ViT-Hybrid")
 
 
 @torch.no_grad()
@@ -97,7 +101,7 @@ def crop_around_defect(image: torch.Tensor, mask: torch.Tensor, side: int = CROP
 
 def localization(saliency: torch.Tensor, mask: torch.Tensor, tolerance: int) -> dict:
     """Pointing game hit, energy inside the (dilated) defect, and the chance level of that energy."""
-    region = _dilate(mask > 0, tolerance)
+    region = dilate(mask > 0, tolerance)
     sal = saliency.float().clamp_min(0)
     peak = int(sal.flatten().argmax())
     total = float(sal.sum())
@@ -107,7 +111,7 @@ def localization(saliency: torch.Tensor, mask: torch.Tensor, tolerance: int) -> 
 
 
 def interpret_model(model, samples: list[dict], mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                    tolerance: int, limit: int) -> tuple[dict, list[tuple]]:
+                    tolerance: int, limit: int) -> tuple[Interpretability, list[tuple]]:
     """Scores over up to `limit` images with a defect, and the maps of the first two (for the report)."""
     method = "attention" if is_vit(model) else "grad-cam"
     scores, maps = [], []
@@ -126,9 +130,9 @@ def interpret_model(model, samples: list[dict], mean: torch.Tensor, std: torch.T
         if len(maps) < 2:
             maps.append((sample["key"], image, mask, saliency.numpy()))
     if not scores:
-        return {"method": method, "images": 0}, maps
-    return {"method": method, "images": len(scores),
-            "pointing_game": float(np.mean([s["hit"] for s in scores])),
-            "energy_in_defect": float(np.mean([s["energy"] for s in scores])),
-            "energy_chance": float(np.mean([s["chance"] for s in scores])),
-            "per_image": scores}, maps  # the same images for every model: paired comparisons in the report
+        return Interpretability(method=method, images=0), maps
+    return Interpretability(method=method, images=len(scores),
+                            pointing_game=float(np.mean([s["hit"] for s in scores])),
+                            energy_in_defect=float(np.mean([s["energy"] for s in scores])),
+                            energy_chance=float(np.mean([s["chance"] for s in scores])),
+                            per_image=scores), maps  # the same images for every model: paired comparisons

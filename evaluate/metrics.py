@@ -25,7 +25,8 @@ from finetune.metrics import SegMetrics
 from pretrain.metrics import average_precision
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Bool (H, W): the pixels within `radius` px (chessboard distance) of a True pixel of `mask`."""
     if radius <= 0:
         return mask
     return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
@@ -51,24 +52,21 @@ class EvalMetrics:
         self.image_confusion.append((self.seg.confusion - before).long().tolist())
         defect = 1 - probs[0, 0]
         truth = target > 0
-        near_truth = _dilate(truth, self.tolerance)
+        near_truth = dilate(truth, self.tolerance)
         counts = torch.zeros(4, self.thresholds, dtype=torch.float64)
         for k in range(self.thresholds):
             pred = defect >= (k + 0.5) / self.thresholds
             counts[0, k] = pred.sum()
             counts[1, k] = (pred & near_truth).sum()
             counts[2, k] = truth.sum()
-            counts[3, k] = (truth & _dilate(pred, self.tolerance)).sum()
+            counts[3, k] = (truth & dilate(pred, self.tolerance)).sum()
         self.ods += counts
         if truth.any():
             self.ois.append(float(_f1(counts).max()))
         self.image_scores.append(float(defect.max()))
         self.image_labels.append(int(truth.any()))
         if seams is not None:
-            wrong = probs[0].argmax(0) != target
-            seams = seams.cpu()
-            self.seam += torch.tensor([(wrong & seams).sum(), seams.sum(), (wrong & ~seams).sum(), (~seams).sum()],
-                                      dtype=torch.float64)
+            self.seam += seam_counts(probs[0].argmax(0), target, seams)
 
     def compute(self) -> dict:
         seg = self.seg.compute()
@@ -83,8 +81,7 @@ class EvalMetrics:
         f1 = _f1(self.ods)
         best = int(f1.argmax())
         neg, pos = self.seg.hist
-        seam_err = float(self.seam[0] / self.seam[1]) if self.seam[1] > 0 else None
-        other_err = float(self.seam[2] / self.seam[3]) if self.seam[3] > 0 else None
+        seam_err, other_err, seam_ratio = seam_summary(self.seam)
         labels = np.array(self.image_labels)
         return {
             "mIoU": seg["mIoU"], "defect_mIoU": seg["defect_mIoU"], "pixel_accuracy": seg["pixel_accuracy"],
@@ -99,9 +96,26 @@ class EvalMetrics:
             else math.nan,
             "images": len(self.image_labels),
             "seam_error": seam_err, "non_seam_error": other_err,
-            "seam_ratio": seam_err / other_err if seam_err is not None and other_err else None,
+            "seam_ratio": seam_ratio,
             "image_confusion": self.image_confusion,
+            "predicted_classes": [name for name, n in zip(self.classes, pred.tolist(), strict=True) if n > 0],
         }
+
+
+def seam_counts(pred: torch.Tensor, target: torch.Tensor, seams: torch.Tensor) -> torch.Tensor:
+    """[errors near seams, pixels near seams, errors elsewhere, pixels elsewhere] of an argmax map (H, W)."""
+    wrong = pred.cpu() != target.cpu()
+    seams = seams.cpu()
+    return torch.tensor([(wrong & seams).sum(), seams.sum(), (wrong & ~seams).sum(), (~seams).sum()],
+                        dtype=torch.float64)
+
+
+def seam_summary(counts: torch.Tensor) -> tuple[float | None, float | None, float | None]:
+    """Error rate near seams, elsewhere, and their ratio (1.0: no seam effect) from summed `seam_counts`."""
+    seam_err = float(counts[0] / counts[1]) if counts[1] > 0 else None
+    other_err = float(counts[2] / counts[3]) if counts[3] > 0 else None
+    ratio = seam_err / other_err if seam_err is not None and other_err else None
+    return seam_err, other_err, ratio
 
 
 def miou_from_confusion(confusion: np.ndarray) -> np.ndarray:

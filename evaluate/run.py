@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,14 @@ from tqdm.auto import tqdm
 
 from defectforge.reader import load_info, make_dataset
 from finetune.models import load_segmenter
+from pretrain.models import model_family
 
+from .claims import decide_claims
 from .config import EvalConfig
-from .cost import InferenceTimer, gflops, parameters, time_inference
+from .cost import gflops, parameters, time_inference, time_interleaved
 from .interpret import interpret_model
-from .metrics import EvalMetrics
+from .metrics import EvalMetrics, seam_counts, seam_summary
+from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, judge_learned
 from .tiling import seam_mask, tile_grid, tiled_logits
 
 log = logging.getLogger("evaluate")
@@ -45,27 +48,18 @@ def eval_split(location: str, requested: str | None) -> str:
     return splits[-1]
 
 
-def describe(run_dir: Path, mcfg: dict) -> dict:
+def describe(run_dir: Path, mcfg: dict) -> ModelCard:
     """Model card of a run: name, family (ViT, ViT-Hybrid, Swin, CNN), pretraining, training-set size."""
     info_path = run_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    model = mcfg["model"]
-    if re.match(r"vit_.*_r\d+", model) or "hybrid" in model:
-        family = "ViT-Hybrid"
-    elif mcfg.get("smp_class") == "DPT" or model.startswith(("vit", "deit", "eva", "beit")):
-        family = "ViT"
-    elif "swin" in model:
-        family = "Swin"
-    else:
-        family = "CNN"
     init = info.get("init")
     sources = None  # what the pretraining data was made by (procedural, inpaint, refine, imported, ...)
     pre_info = Path(init) / "run_info.json" if init else None
     if pre_info is not None and pre_info.is_file():
         sources = sorted({str(s) for s in json.loads(pre_info.read_text()).get("sources") or [] if s})
-    return {"name": run_dir.name, "run": str(run_dir), "model": model, "architecture": mcfg.get("smp_class"),
-            "family": family, "init": init, "pretrained": bool(init), "pretrain_sources": sources,
-            "train_samples": info.get("train_samples")}
+    return ModelCard(name=run_dir.name, run=str(run_dir), model=mcfg["model"], architecture=mcfg.get("smp_class"),
+                     family=model_family(mcfg["model"]), init=init, pretrained=bool(init), pretrain_sources=sources,
+                     train_samples=info.get("train_samples"))
 
 
 def _prepare(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -110,8 +104,25 @@ def load_images(shards: list[str], cfg: EvalConfig) -> tuple[list[dict], list[st
     return images, classes, sources
 
 
-def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: EvalConfig, device: torch.device,
-                   overlay_keys: set[str], progress: bool = True) -> tuple[dict, dict]:
+def seam_errors(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *, tile: int, overlap: float,
+                blend: str, batch: int, band: int, accumulate: torch.device | str | None = None) -> torch.Tensor:
+    """`seam_counts` of `model` tiled with `overlap` on one normalised image (its seams: that grid's inner edges)."""
+    h, w = x.shape[-2:]
+    logits = tiled_logits(model, x, tile=tile, overlap=overlap, blend=blend, batch=batch, accumulate=accumulate)
+    return seam_counts(logits[0].argmax(0), target, seam_mask(h, w, tile, overlap, band))
+
+
+@dataclass
+class Loaded:
+    """A model kept after its accuracy pass, for the interleaved timing."""
+    model: torch.nn.Module
+    mean: torch.Tensor
+    std: torch.Tensor
+    result: ModelResult
+
+
+def _load(run_dir: Path, classes: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, torch.Tensor,
+                                                                              torch.Tensor]:
     model, mcfg = load_segmenter(run_dir)
     if mcfg["classes"] != classes:
         raise ValueError(f"model {run_dir} was trained on classes {mcfg['classes']} but the evaluation shards have "
@@ -119,50 +130,78 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     model.to(device).eval()
     mean = torch.tensor(mcfg["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(mcfg["std"], device=device).view(1, -1, 1, 1)
+    return model, mcfg, mean, std
+
+
+def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: EvalConfig, device: torch.device,
+                   overlay_keys: set[str], progress: bool = True) -> tuple[Loaded, dict]:
+    """Accuracy (with the overlap-0 seam pass on tiled images) and interpretability of one run; no timing."""
+    model, mcfg, mean, std = _load(run_dir, classes, device)
     accumulate = "cpu" if cfg.accumulate == "host" else device
     metrics = EvalMetrics(classes, tolerance=cfg.tolerance, thresholds=cfg.thresholds)
+    no_overlap, tiled_images = torch.zeros(4, dtype=torch.float64), 0
     predictions: dict[str, np.ndarray] = {}
-    timer = InferenceTimer(device)  # evaluation images of `speed_size` are timed as they are predicted
-    for index, sample in enumerate(tqdm(images, desc=run_dir.name, disable=not progress)):
+    tiling = dict(tile=cfg.tile_size, blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
+    for sample in tqdm(images, desc=run_dir.name, disable=not progress):
         x = _prepare(sample["image"], mean, std, device)
         h, w = x.shape[-2:]
-        # only after at least `warmup` (and one) images: the first inferences include one-off setup costs
-        timed = [h, w] == list(cfg.speed_size) and len(timer.times) < cfg.repeats and index >= max(1, cfg.warmup)
-        with timer.measure() if timed else contextlib.nullcontext():
-            logits = tiled_logits(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
-                                  batch=cfg.tile_batch, accumulate=accumulate)
-        probs = logits.softmax(1)
-        seams = seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band) \
-            if len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1 else None
-        metrics.update(probs, sample["mask"], seams)
+        probs = tiled_logits(model, x, overlap=cfg.overlap, **tiling).softmax(1)
+        tiled = len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1
+        metrics.update(probs, sample["mask"], seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band)
+                       if tiled else None)
+        if tiled and cfg.overlap > 0:  # the same model without overlap: only the seam metric, only tiled images
+            no_overlap += seam_errors(model, x, sample["mask"], overlap=0.0, band=cfg.seam_band, **tiling)
+            tiled_images += 1
         if sample["key"] in overlay_keys:
             predictions[sample["key"]] = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
-    result = {**describe(run_dir, mcfg), "metrics": metrics.compute()}
+    accuracy = Accuracy(**metrics.compute())
+    accuracy.seam_error_no_overlap, accuracy.non_seam_error_no_overlap, accuracy.seam_ratio_no_overlap = \
+        seam_summary(no_overlap)
+    accuracy.seam_images = tiled_images
+    result = ModelResult(card=describe(run_dir, mcfg), metrics=accuracy,
+                         learned=judge_learned(accuracy, cfg.learned_floor))
     maps: list = []
     if cfg.interpret_images:
-        result["interpretability"], maps = interpret_model(model, images, mean, std, device, cfg.interpret_tolerance,
-                                                           cfg.interpret_images)
+        result.interpretability, maps = interpret_model(model, images, mean, std, device, cfg.interpret_tolerance,
+                                                        cfg.interpret_images)
+    log.info("%s: mIoU %.4f, defect mIoU %.4f%s", run_dir.name, accuracy.mIoU, accuracy.defect_mIoU,
+             "" if result.learned.learned else f" - did not learn ({result.learned.reason})")
+    return Loaded(model, mean, std, result), {"predictions": predictions, "maps": maps}
+
+
+def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, device: torch.device) -> None:
+    """Cost of every model: parameters, FLOPs, then the tiled timing of all models in alternation on one image."""
     image, source = speed_image(images, cfg.speed_size, cfg.seed)
-    x = _prepare(image, mean, std, device)
-    measured = len(timer.times)
-    timing = time_inference(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
-                            batch=cfg.tile_batch, repeats=cfg.repeats, warmup=0 if measured else cfg.warmup,
-                            accumulate=accumulate, timer=timer)
-    timing["source"] = source if not measured else f"{measured} evaluation image(s) of this size, timed during " \
-        f"the accuracy pass (after at least {max(1, cfg.warmup)} other image(s) as warm-up)" + \
-        (f", plus {len(timer.times) - measured} extra run(s)" if len(timer.times) > measured else "")
-    result["cost"] = {"parameters": parameters(model), "gflops_per_tile": gflops(model, cfg.tile_size, device),
-                      "tiled": timing}
-    if cfg.whole_image:
-        try:
-            result["cost"]["whole"] = time_inference(model, x, tile=cfg.tile_size, overlap=cfg.overlap,
-                                                     blend=cfg.blend, batch=1, repeats=cfg.repeats, warmup=cfg.warmup,
-                                                     whole=True)
-        except (RuntimeError, MemoryError) as err:  # out of memory is a result here, not a crash
-            result["cost"]["whole"] = {"error": str(err).splitlines()[0]}
-    log.info("%s: mIoU %.4f, %.2f s per %dx%d image", run_dir.name, result["metrics"]["mIoU"],
-             timing["seconds_per_image"], *cfg.speed_size)
-    return result, {"predictions": predictions, "maps": maps}
+    accumulate = "cpu" if cfg.accumulate == "host" else device
+    inputs = {m.result.name: _prepare(image, m.mean, m.std, device) for m in loaded}
+
+    def runner(m: Loaded):
+        return lambda: tiled_logits(m.model, inputs[m.result.name], tile=cfg.tile_size, overlap=cfg.overlap,
+                                    blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
+
+    timers = time_interleaved({m.result.name: runner(m) for m in loaded}, device, repeats=cfg.repeats,
+                              warmup=cfg.warmup)
+    h, w = image.shape[-2:]
+    tiles = len(tile_grid(h, w, cfg.tile_size, cfg.overlap))
+    where = f"{source}; {len(loaded)} model(s) timed in alternation, {cfg.warmup} warm-up round(s), " \
+            f"{cfg.repeats} timed round(s)"
+    for m in loaded:
+        timing = timers[m.result.name].summary(tiles, (h, w), where)
+        m.result.cost = Cost(parameters=parameters(m.model), gflops_per_tile=gflops(m.model, cfg.tile_size, device),
+                             tiled=timing)
+        if cfg.whole_image:
+            m.result.cost.whole = _time_whole(m.model, inputs[m.result.name], cfg)
+        log.info("%s: %s s per %dx%d image (median of %d, IQR %.2f-%.2f)", m.result.name,
+                 f"{timing.seconds_per_image:.2f}", h, w, len(timing.seconds_all), timing.seconds_q1,
+                 timing.seconds_q3)
+
+
+def _time_whole(model: torch.nn.Module, x: torch.Tensor, cfg: EvalConfig) -> dict:
+    try:
+        return dataclasses.asdict(time_inference(model, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
+                                                 batch=1, repeats=cfg.repeats, warmup=cfg.warmup, whole=True))
+    except (RuntimeError, MemoryError) as err:  # out of memory is a result here, not a crash
+        return {"error": str(err).splitlines()[0]}
 
 
 def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | Path, *, progress: bool = True,
@@ -179,18 +218,19 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     images, classes, sources = load_images(shards, cfg)
     by_size = sorted(images, key=lambda s: -s["image"].shape[-1] * s["image"].shape[-2])
     overlay_keys = {s["key"] for s in by_size[:cfg.overlays]}
-    results, predictions, maps = [], {}, {}
+    loaded, predictions, maps = [], {}, {}
     for run in runs:
-        result, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress)
-        results.append(result)
-        predictions[result["name"]] = extra["predictions"]
-        maps[result["name"]] = extra["maps"]
+        entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress)
+        loaded.append(entry)
+        predictions[entry.result.name] = extra["predictions"]
+        maps[entry.result.name] = extra["maps"]
+    time_models(loaded, images, cfg, device)
+    results = [m.result for m in loaded]
+    evaluation = Evaluation(config=cfg, classes=classes, sources=sources, images=len(images), device=str(device),
+                            results=results, claims=decide_claims(results, cfg.claim_margin, cfg.overlap),
+                            commands=commands or [])
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "classes": classes,
-               "sources": sources, "images": len(images), "device": str(device), "results": results,
-               "commands": commands or []}
     tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.write_text(json.dumps(evaluation.to_dict(), indent=2, default=float) + "\n")
     tmp.replace(out / "results.json")
-    overlays = [s for s in by_size[:cfg.overlays]]
-    return write_report(out, payload, overlays, predictions, maps)
+    return write_report(out, evaluation, by_size[:cfg.overlays], predictions, maps)

@@ -1,0 +1,155 @@
+"""What an evaluation produces, as typed records: a model card and the model's accuracy, interpretability and
+cost results. `evaluate/run.py` fills them, `evaluate/claims.py` decides the claims from them,
+`evaluate/report.py` renders them; `to_dict` gives the `results.json` entry of a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .claims import Claim
+    from .config import EvalConfig
+
+
+@dataclass
+class ModelCard:
+    """Which model a result belongs to (from the run's model_config.json and run_info.json)."""
+    name: str
+    run: str
+    model: str  # timm name
+    architecture: str | None  # smp class (Unet, DPT, ...)
+    family: str  # ViT, ViT-Hybrid, Swin or CNN (pretrain.models.model_family)
+    init: str | None = None  # the pretrain run it started from
+    pretrained: bool = False
+    pretrain_sources: list[str] | None = None  # what made the pretraining data (procedural, inpaint, ...)
+    train_samples: int | None = None
+
+
+@dataclass
+class Accuracy:
+    """Metrics of one model over every evaluation image (evaluate/metrics.py), plus the overlap-0 seam pass."""
+    mIoU: float
+    defect_mIoU: float
+    pixel_accuracy: float
+    per_class: dict[str, dict[str, float | None]]
+    ODS_F1: float
+    ODS_threshold: float
+    OIS_F1: float
+    tolerance_px: int
+    pixel_AP: float
+    image_AP: float
+    images: int
+    seam_error: float | None
+    non_seam_error: float | None
+    seam_ratio: float | None
+    image_confusion: list = field(default_factory=list)
+    predicted_classes: list[str] = field(default_factory=list)  # classes the argmax predicts anywhere
+    # the same model tiled without overlap, on the images that are tiled (only the seam metric)
+    seam_error_no_overlap: float | None = None
+    non_seam_error_no_overlap: float | None = None
+    seam_ratio_no_overlap: float | None = None
+    seam_images: int = 0
+
+
+@dataclass
+class Learned:
+    """Whether a model's predictions carry information (docs/evaluate.md, "did not learn")."""
+    learned: bool
+    reason: str  # why not, or the figure it passed on
+
+
+@dataclass
+class Interpretability:
+    method: str  # attention | grad-cam
+    images: int
+    pointing_game: float | None = None
+    energy_in_defect: float | None = None
+    energy_chance: float | None = None
+    per_image: list[dict] = field(default_factory=list)  # the same images for every model: paired comparisons
+
+
+@dataclass
+class Timing:
+    """Interleaved timed runs of one model (evaluate/cost.py): median and spread, memory per run."""
+    seconds_per_image: float  # median
+    seconds_all: list[float]
+    seconds_min: float
+    seconds_max: float
+    seconds_q1: float
+    seconds_q3: float
+    tiles: int
+    tiles_per_s: float
+    peak_memory_bytes: int
+    memory_increase_bytes: int  # the largest increase of one run over the memory just before it
+    memory_runs: list[int]  # per run: CUDA peak allocated, or (CPU) the peak RSS increase over the RSS before
+    memory_kind: str  # cuda_peak_allocated | peak_rss
+    image_size: list[int]
+    source: str = ""
+    rounds: int = 0
+
+
+@dataclass
+class Cost:
+    parameters: int
+    gflops_per_tile: float
+    tiled: Timing
+    whole: dict[str, Any] | None = None  # timing of the whole image at once, or {"error": ...}
+
+
+@dataclass
+class ModelResult:
+    card: ModelCard
+    metrics: Accuracy
+    learned: Learned
+    cost: Cost | None = None
+    interpretability: Interpretability | None = None
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def family(self) -> str:
+        return self.card.family
+
+    def to_dict(self) -> dict:
+        """The `results.json` entry: the card's fields at the top level, then the results."""
+        out = dataclasses.asdict(self.card)
+        out.update(learned=self.learned.learned, learned_reason=self.learned.reason,
+                   metrics=dataclasses.asdict(self.metrics),
+                   interpretability=dataclasses.asdict(self.interpretability) if self.interpretability else None,
+                   cost=dataclasses.asdict(self.cost) if self.cost else None)
+        return out
+
+
+@dataclass
+class Evaluation:
+    """Everything one `python -m evaluate run` measured and decided: what `results.json` holds."""
+    config: EvalConfig
+    classes: list[str]
+    sources: list[str]
+    images: int
+    device: str
+    results: list[ModelResult]
+    claims: list[Claim] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "classes": self.classes, "sources": self.sources,
+                "images": self.images, "device": self.device, "results": [r.to_dict() for r in self.results],
+                "claims": [dataclasses.asdict(c) for c in self.claims], "commands": self.commands}
+
+
+def judge_learned(metrics: Accuracy, floor: float) -> Learned:
+    """Did the model learn? Not when its argmax predicts one class everywhere, or when its defect mIoU is below
+    `floor` (a NaN defect mIoU: no defect in the truth nor the prediction, so only the first rule applies)."""
+    if len(metrics.predicted_classes) <= 1:
+        only = metrics.predicted_classes[0] if metrics.predicted_classes else "nothing"
+        return Learned(False, f"predicts {only} everywhere")
+    value = metrics.defect_mIoU
+    if value is not None and not math.isnan(value) and value < floor:
+        return Learned(False, f"defect mIoU {value:.3f} below learned_floor {floor:.3f}")
+    return Learned(True, f"defect mIoU {value:.3f}")
