@@ -43,10 +43,10 @@ def make_model(folder: Path) -> Path:
     cfg = load_config(DiffusionTrainConfig, REPO / "configs/synth/diffusion_quickstart.yaml", {})
     classes = ["background", "crack", "scratch", "pit", "stain", "chip"]
     torch.manual_seed(0)
-    unet = build_unet(cfg.image_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention, cfg.norm_groups,
+    unet = build_unet(cfg.crop_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention, cfg.norm_groups,
                       cfg.head_dim)
     return save_pipeline(unet, training_scheduler(), folder / "pipeline", {"classes": classes,
-                                                                           "image_size": cfg.image_size})
+                                                                           "image_size": cfg.crop_size})
 
 
 def bare_seconds(diffuser: Diffuser, shapes: list[tuple[int, int]], calls: int, repeats: int) -> float:

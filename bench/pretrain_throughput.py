@@ -152,7 +152,7 @@ def bare_rate(cfg: PretrainConfig, classes: list[str], steps: int, warmup: int) 
     net, _ = build_model(cfg, classes)
     net.train()
     optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr)
-    k, b, s = len(classes) - 1, cfg.batch_size, cfg.img_size
+    k, b, s = len(classes) - 1, cfg.batch_size, cfg.crop_size
     images = torch.rand(b, 3, s, s)
     labels = (torch.rand(b, k) < 0.5).float()
     masks = torch.randint(0, k + 1, (b, s, s))
@@ -178,7 +178,7 @@ def bare_rate(cfg: PretrainConfig, classes: list[str], steps: int, warmup: int) 
 
 def reader_rate(cfg: PretrainConfig, shards: Path, classes: list[str], batches: int) -> tuple[float, CpuShare]:
     """Images/s of `train_loader` alone (same workers, crops and shuffle as the loop); first batch dropped."""
-    loader = train_loader(str(shards), cfg.train_split, img_size=cfg.img_size, batch_size=cfg.batch_size,
+    loader = train_loader(str(shards), cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                           batches=batches + 1, world_size=1, num_workers=cfg.num_workers,
                           shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=0, classes=classes)
     it = iter(loader)
@@ -204,7 +204,7 @@ def run(size: int, args: argparse.Namespace, workdir: Path) -> None:
              shards, progress=False)
     classes = json.loads((shards / "_info.json").read_text())["classes"]
     cfg = load_config(PretrainConfig, None, {
-        "name": f"bench-{size}", "model": args.model, "img_size": size, "batch_size": args.batch_size,
+        "name": f"bench-{size}", "model": args.model, "crop_size": size, "batch_size": args.batch_size,
         "max_steps": steps, "warmup_steps": min(10, steps - 1), "log_every": log_every,
         "checkpoint_every": 10 * steps, "val_split": None, "num_workers": args.num_workers, "wandb": False})
     common = {"model": args.model, "batch": args.batch_size, "shard_image_size": shard_size,

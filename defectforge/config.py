@@ -33,8 +33,13 @@ def _known_keys(schema: type) -> list[str]:
 
 
 def _check_keys(raw: dict, schema: type, where: str) -> None:
+    """Unknown keys fail with the closest known names; a key listed in the schema's `RENAMED` class attribute
+    ({old: new}) fails naming its new name."""
     known = _known_keys(schema)
+    renamed = getattr(schema, "RENAMED", {})
     for key in raw:
+        if key in renamed:
+            raise ConfigError(f"{where}: key '{key}' was renamed to '{renamed[key]}' (docs/configs.md)")
         if key not in known:
             raise ConfigError(
                 f"{where}: unknown key '{key}'{_closest(str(key), known)}; known keys: {', '.join(known)}"

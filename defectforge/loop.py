@@ -19,13 +19,15 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 from tqdm.auto import tqdm
 
 from defectforge.config import ConfigError, save_config, to_dict
@@ -146,6 +148,26 @@ def backward_and_step(accelerator: Accelerator, model, optimizer, losses: dict[s
     return dict(zip(names, (float(v) for v in values.cpu()), strict=True))
 
 
+class _Window:
+    """Losses and seconds summed over the steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, losses: dict[str, float], seconds: float) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.seconds += seconds
+
+    def flush(self) -> tuple[dict[str, float], int, float]:
+        """(mean of each loss, steps, seconds), and start a new window."""
+        out = ({k: v / self.steps for k, v in self.sums.items()}, self.steps, self.seconds)
+        self.__init__()
+        return out
+
+
 class Run:
     """Accelerator, run folder, registered state, resume, trackers and `metrics.jsonl` of one training run."""
 
@@ -155,6 +177,8 @@ class Run:
         self.resume_from = resolve_resume(cfg, self.run_dir)
         self.state = TrainState()
         self.metrics: MetricsLog | None = None
+        self._trace: TextIO | None = None
+        self._micro_step: Callable[[dict, bool], dict[str, torch.Tensor]] | None = None
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -192,6 +216,24 @@ class Run:
         if self.accelerator.is_main_process and self.accelerator.trackers:
             self.accelerator.get_tracker("wandb", unwrap=True).log(images, step=step)
 
+    def save_image(self, grid: np.ndarray, path: Path, *, key: str, step: int, caption: str = "",
+                   wandb_value: Callable[[], Any] | None = None) -> None:
+        """Write a uint8 grid as a PNG in the run folder (atomically) and log it to W&B under `key`.
+
+        `wandb_value` builds what W&B gets instead of the plain image (for example mask panels); it is only
+        called when a W&B tracker is open. Main process only.
+        """
+        if not self.accelerator.is_main_process:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        Image.fromarray(grid).save(tmp)
+        tmp.replace(path)
+        if self.accelerator.trackers:
+            import wandb
+
+            self.log_images({key: wandb_value() if wandb_value else wandb.Image(grid, caption=caption)}, step=step)
+
     def fit(self, model, optimizer, scheduler, *, make_loader: Callable[[int, int], Iterable[dict]],
             micro_step: Callable[[dict, bool], dict[str, torch.Tensor]], validate: Callable[[int], dict] | None,
             ema=None, progress: bool = True, desc: str = "train") -> int:
@@ -201,64 +243,80 @@ class Run:
         epoch; `micro_step(batch, first)` returns scalar losses with "loss" first, computed by the stage's
         forward; `validate(step)` returns flat metrics to record.
         """
-        acc, cfg, run_dir = self.accelerator, self.cfg, self.run_dir
-        end = cfg.stop_after or cfg.max_steps
+        cfg, end = self.cfg, self.cfg.stop_after or self.cfg.max_steps
         step = self.state.step
-        trace = None
+        self._micro_step = micro_step
         if cfg.trace_samples:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            trace = (run_dir / "samples" / f"rank-{acc.process_index}.txt").open("a")
-        bar = tqdm(total=end, initial=step, desc=desc, disable=not (progress and acc.is_local_main_process))
-        window: dict[str, float] = {}
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            self._trace = (self.run_dir / "samples" / f"rank-{self.accelerator.process_index}.txt").open("a")
+        show = progress and self.accelerator.is_local_main_process
+        bar = tqdm(total=end, initial=step, desc=desc, disable=not show)
+        window = _Window()
         try:
             while step < end:
                 epoch = step // cfg.checkpoint_every
-                epoch_end = min((epoch + 1) * cfg.checkpoint_every, cfg.max_steps)
-                batches = iter(make_loader(epoch, (epoch_end - epoch * cfg.checkpoint_every) * cfg.grad_accum))
-                for _ in range((step - epoch * cfg.checkpoint_every) * cfg.grad_accum):  # consumed before resume
-                    next(batches)
-                while step < min(epoch_end, end):
+                epoch_end = min((epoch + 1) * cfg.checkpoint_every, cfg.max_steps, end)
+                batches = self._epoch_batches(make_loader, epoch, step)
+                while step < epoch_end:
                     started = time.perf_counter()
-                    for micro in range(cfg.grad_accum):
-                        batch = next(batches)
-                        if trace is not None:
-                            trace.write(f"{step + 1} " + " ".join(batch["key"]) + "\n")
-                        with acc.accumulate(model):
-                            losses = backward_and_step(acc, model, optimizer, micro_step(batch, step == micro == 0),
-                                                       cfg.clip_grad)
-                        if not all(math.isfinite(v) for v in losses.values()):
-                            detail = ", ".join(f"{k} {v}" for k, v in losses.items())
-                            raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({detail}); stopped without "
-                                                f"saving, last good checkpoint: {last_checkpoint(run_dir)}")
-                        for key, value in losses.items():
-                            window[key] = window.get(key, 0.0) + value / cfg.grad_accum
+                    window.add(self._optimizer_step(model, optimizer, batches, step), time.perf_counter() - started)
                     scheduler.step()
                     step += 1
                     self.state.step = step
                     if ema is not None:  # step = optimizer steps done, as timm counts them (no decay on the first)
-                        ema.update(acc.unwrap_model(model, keep_torch_compile=False), step=step)
-                    window["_steps"] = window.get("_steps", 0) + 1
-                    window["_time"] = window.get("_time", 0.0) + time.perf_counter() - started
+                        ema.update(self.accelerator.unwrap_model(model, keep_torch_compile=False), step=step)
                     bar.update(1)
-                    if step % cfg.log_every == 0 or step == end:
-                        n = window.pop("_steps")
-                        seconds = window.pop("_time")
-                        self.record({**{k: v / n for k, v in window.items()},
-                                     "lr": max(g["lr"] for g in optimizer.param_groups),
-                                     "images_per_s": n * cfg.batch_size * cfg.grad_accum * acc.num_processes / seconds,
-                                     "epoch": epoch}, step)
-                        bar.set_postfix(loss=f"{window['loss'] / n:.4f}")
-                        window = {}
-                    if validate is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
-                        self.record(validate(step), step)
-                    if step % cfg.checkpoint_every == 0 or step == end:
-                        save_checkpoint(acc, run_dir, step, cfg.keep_checkpoints)
-            acc.wait_for_everyone()
+                    self._after_step(step, end, epoch, optimizer, window, validate, bar)
+            self.accelerator.wait_for_everyone()
         finally:
             bar.close()
-            if trace is not None:
-                trace.close()
+            if self._trace is not None:
+                self._trace.close()
+                self._trace = None
         return step
+
+    def _epoch_batches(self, make_loader: Callable[[int, int], Iterable[dict]], epoch: int, step: int) -> Iterator:
+        """The batches of data epoch `epoch`, past those a resumed run already consumed in it."""
+        cfg = self.cfg
+        epoch_end = min((epoch + 1) * cfg.checkpoint_every, cfg.max_steps)
+        batches = iter(make_loader(epoch, (epoch_end - epoch * cfg.checkpoint_every) * cfg.grad_accum))
+        for _ in range((step - epoch * cfg.checkpoint_every) * cfg.grad_accum):
+            next(batches)
+        return batches
+
+    def _optimizer_step(self, model, optimizer, batches: Iterator, step: int) -> dict[str, float]:
+        """`grad_accum` micro-batches and one optimizer step; the losses averaged over them. Non-finite: stop."""
+        acc, cfg = self.accelerator, self.cfg
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            if self._trace is not None:
+                self._trace.write(f"{step + 1} " + " ".join(batch["key"]) + "\n")
+            with acc.accumulate(model):
+                losses = backward_and_step(acc, model, optimizer, self._micro_step(batch, step == micro == 0),
+                                           cfg.clip_grad)
+            if not all(math.isfinite(v) for v in losses.values()):
+                detail = ", ".join(f"{k} {v}" for k, v in losses.items())
+                raise NonFiniteLoss(f"non-finite loss at step {step + 1} ({detail}); stopped without saving, "
+                                    f"last good checkpoint: {last_checkpoint(self.run_dir)}")
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+        return totals
+
+    def _after_step(self, step: int, end: int, epoch: int, optimizer, window: _Window,
+                    validate: Callable[[int], dict] | None, bar) -> None:
+        """Log every `log_every` steps, validate every `val_every`, checkpoint every `checkpoint_every`."""
+        cfg, acc = self.cfg, self.accelerator
+        if step % cfg.log_every == 0 or step == end:
+            means, steps, seconds = window.flush()
+            self.record({**means, "lr": max(g["lr"] for g in optimizer.param_groups),
+                         "images_per_s": steps * cfg.batch_size * cfg.grad_accum * acc.num_processes / seconds,
+                         "epoch": epoch}, step)
+            bar.set_postfix(loss=f"{means['loss']:.4f}")
+        if validate is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
+            self.record(validate(step), step)
+        if step % cfg.checkpoint_every == 0 or step == end:
+            save_checkpoint(acc, self.run_dir, step, cfg.keep_checkpoints)
 
     def end(self) -> None:
         self.accelerator.end_training()  # also ends the process group: no collective after this

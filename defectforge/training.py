@@ -1,12 +1,26 @@
-"""The keys every training command shares (pretrain, finetune, synth train-diffusion) and their checks."""
+"""The one training skeleton: the keys every training command shares, their checks, and `run_task`.
+
+Pretraining, fine-tuning and diffusion training each supply a `Task` (the model, batch -> losses, validation,
+what to export); `run_task` owns the rest: the run folder (`Run`), AdamW with warmup + cosine, Accelerate's
+`prepare`, `torch.compile`, EMA, resume, the NaN stop, logging, checkpoints and the final export.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
 
 from .augment import AugmentConfig
 from .config import require, section
+from .loop import Run, last_checkpoint, lr_factor
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -29,6 +43,9 @@ def validate_training_keys(cfg) -> None:
             f"one of {', '.join(MIXED_PRECISION)}")
     require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
     require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
+    require(isinstance(cfg.crop_size, int) and 16 <= cfg.crop_size <= 4096, "crop_size", cfg.crop_size,
+            "an integer between 16 and 4096")
+    require(0 < cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in (0, 1)")
     require(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume,
             "null, 'latest' or a checkpoint folder")
     cfg.augment.validate()
@@ -41,6 +58,7 @@ class TrainingKeys(AugmentConfig):
     defectforge/augment.py); `validate_training_keys` checks them. Each config overrides the defaults that
     differ for its task."""
 
+    crop_size: int = 224  # side of the square training crops the loader cuts (and the augmentation returns)
     # optimisation (defectforge/loop.py)
     batch_size: int = 32  # per process
     grad_accum: int = 1
@@ -52,6 +70,9 @@ class TrainingKeys(AugmentConfig):
     weight_decay: float = 0.05
     clip_grad: float | None = 1.0
     mixed_precision: str = "auto"  # auto = no on CPU, bf16 (or fp16) on GPU
+    ema: bool = False  # validate and export an exponential moving average of the weights
+    ema_decay: float = 0.999
+    compile: bool = False  # torch.compile the model
     # data
     train_split: str = "train"
     val_split: str | None = "val"  # null = no validation
@@ -74,3 +95,86 @@ class TrainingKeys(AugmentConfig):
     @property
     def augment(self) -> AugmentConfig:
         return section(self, AugmentConfig)
+
+
+def normalizer(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable[[torch.Tensor],
+                                                                                          torch.Tensor]:
+    """x -> (x - mean) / std per channel, on `device` (images in [0, 1], as the loaders give them)."""
+    m = torch.tensor(list(mean), device=device).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), device=device).view(1, -1, 1, 1)
+    return lambda x: (x - m) / s
+
+
+class Task:
+    """What one training command supplies to `run_task`; the skeleton calls these in this order.
+
+    `build` returns the model (not yet prepared) and may write RUN/run_info.json; `loader(run, epoch, batches)`
+    yields the seeded batches of a data epoch; `losses` returns scalar losses with "loss" first; `validate`
+    gets the weights that are kept (the EMA when there is one) and returns flat metrics; `export` writes the
+    final outputs on the main process after the last step; `summary` adds entries to the returned summary.
+    """
+
+    job_type = "train"
+
+    def __init__(self, cfg: Any, shards: Any):
+        self.cfg, self.shards = cfg, shards
+        self.last_val: dict | None = None
+
+    def build(self, run: Run) -> nn.Module:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """AdamW groups: no weight decay on norms, biases and 1-d parameters."""
+        return param_groups_weight_decay(model, weight_decay=self.cfg.weight_decay)
+
+    def loader(self, run: Run, epoch: int, batches: int) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def losses(self, run: Run, model: nn.Module, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.cfg.val_split)
+
+    def validate(self, run: Run, model: nn.Module, step: int) -> dict:
+        return {}
+
+    def export(self, run: Run, model: nn.Module) -> None:
+        """Write the final outputs (main process, only when the run reached `max_steps`)."""
+
+    def summary(self, run: Run, done: bool) -> dict:
+        return {}
+
+
+def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
+    """Run (or resume) `task` to `stop_after` or `max_steps`; returns {step, val, checkpoint, ...task.summary}."""
+    cfg = task.cfg
+    run = Run(cfg, run_dir, job_type=task.job_type)
+    acc = run.accelerator
+    net = task.build(run)
+    optimizer = torch.optim.AdamW(task.param_groups(net), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
+    ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=cfg.ema_decay) if cfg.ema else None
+
+    def kept() -> nn.Module:  # what is validated and exported: the EMA when there is one
+        return ema.module if ema is not None else acc.unwrap_model(model, keep_torch_compile=False)
+
+    def validate(step: int) -> dict:
+        task.last_val = task.validate(run, kept(), step)
+        return task.last_val
+
+    try:
+        run.start(*([scheduler, ema] if ema is not None else [scheduler]))
+        step = run.fit(model, optimizer, scheduler, make_loader=lambda epoch, n: task.loader(run, epoch, n),
+                       micro_step=lambda batch, first: task.losses(run, model, batch, first),
+                       validate=validate if task.validates else None, ema=ema, progress=progress,
+                       desc=task.job_type)
+        if step == cfg.max_steps and acc.is_main_process:
+            task.export(run, kept())
+        acc.wait_for_everyone()
+    finally:
+        run.end()
+    return {"step": step, "val": task.last_val, "checkpoint": str(last_checkpoint(run.run_dir)),
+            **task.summary(run, step == cfg.max_steps)}

@@ -15,17 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
-from timm.optim import param_groups_weight_decay
 
 from defectforge.augment import augment_batch, build_augment
 from defectforge.config import ConfigError
 from defectforge.data import to_device, train_loader
-from defectforge.loop import Run, last_checkpoint, lr_factor
+from defectforge.loop import Run
 from defectforge.reader import list_keys, make_dataset
 from defectforge.shards import ShardError
 from defectforge.tracking import class_palette, mask_grid
+from defectforge.training import Task, normalizer, run_task
 
 from .config import FinetuneConfig
 from .metrics import SegMetrics
@@ -148,89 +147,83 @@ def _save_examples(run: Run, examples: list, classes: list[str], step: int) -> N
     images = torch.stack([e[1] for e in examples])
     grid = np.concatenate([mask_grid(images, torch.stack([e[2] for e in examples]), palette),
                            mask_grid(images, torch.stack([e[3] for e in examples]), palette)[PANEL_SIDE:]], axis=0)
-    path = run.run_dir / "val_examples.png"
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    tmp.replace(path)
-    if run.accelerator.trackers:
+
+    def panels() -> list:
         import wandb
 
         labels = dict(enumerate(classes))
-        panels = [wandb.Image((e[1].permute(1, 2, 0).numpy() * 255).astype(np.uint8), caption=e[0], masks={
+        return [wandb.Image((e[1].permute(1, 2, 0).numpy() * 255).astype(np.uint8), caption=e[0], masks={
             "ground_truth": {"mask_data": e[2].numpy().astype(np.uint8), "class_labels": labels},
             "prediction": {"mask_data": e[3].numpy().astype(np.uint8), "class_labels": labels}}) for e in examples]
-        run.log_images({"val_examples": panels}, step=step)
+
+    run.save_image(grid, run.run_dir / "val_examples.png", key="val_examples", step=step, wandb_value=panels)
+
+
+class FinetuneTask(Task):
+    """Cross-entropy (+ Dice or focal) on augmented crops of the target's training split."""
+
+    job_type = "finetune"
+
+    def build(self, run: Run) -> Segmenter:
+        cfg, shards, acc = self.cfg, self.shards, run.accelerator
+        classes = self.classes = make_dataset(shards, cfg.train_split).classes
+        if cfg.val_split:  # a missing split fails now, not at the first validation
+            try:
+                make_dataset(shards, cfg.val_split)
+            except ShardError as err:
+                raise ShardError(f"key 'val_split': {err}. Validate on a split carved from the training data "
+                                 "(`synth import ... --val-ratio 0.15`), or set val_split=null; never on the "
+                                 "split the models are compared on") from None
+        self.subset = select_subset(list_keys(shards, cfg.train_split), cfg.train_samples, cfg.seed)
+        model, self.mcfg = build_segmenter(cfg, classes)
+        self.init_report = None
+        if cfg.init is not None:
+            self.init_report = load_init(model, cfg.init, self.mcfg["model"])
+            self.mcfg["init"] = str(cfg.init)
+        frozen = freeze(model, cfg.freeze, self.mcfg["model"]) if cfg.freeze is not None else []
+        weights = auto_class_weights(shards, cfg.train_split, classes, self.subset) \
+            if cfg.class_weights == "auto" else None
+        if weights is not None:
+            log.info("class weights from the training pixels: %s", dict(zip(classes, [round(w, 2) for w in weights],
+                                                                          strict=True)))
+        if acc.is_main_process:
+            report = self.init_report
+            (run.run_dir / "run_info.json").write_text(json.dumps({
+                "init": str(cfg.init) if cfg.init else None,
+                "init_report": {k: (len(v), v[:20]) for k, v in report.items()} if report else None,
+                "frozen": len(frozen), "class_weights": weights or cfg.class_weights,
+                "train_samples": len(self.subset) if self.subset is not None else None, "subset": self.subset,
+                "model": self.mcfg}, indent=2) + "\n")
+        self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
+        self.criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
+        self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
+        return model
+
+    def loader(self, run: Run, epoch: int, batches: int):
+        cfg = self.cfg
+        return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
+                            batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
+                            keys=self.subset)
+
+    def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        images, masks = augment_batch(self.aug, *to_device(batch, run.accelerator.device))
+        return self.criterion(model(self.normalize(images)), masks)
+
+    def validate(self, run: Run, model, step: int) -> dict:
+        return validate(run, model, self.shards, self.cfg, self.classes, self.normalize, step)
+
+    def export(self, run: Run, model: Segmenter) -> None:
+        save_segmenter(model, run.run_dir, self.mcfg)
+
+    def summary(self, run: Run, done: bool) -> dict:
+        return {"model": str(run.run_dir / "model.safetensors") if done else None,
+                "init": self.init_report and {k: len(v) for k, v in self.init_report.items()}}
 
 
 def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) fine-tuning; returns a summary {step, val, checkpoint, model, init}."""
-    run = Run(cfg, run_dir, job_type="finetune")
-    acc, run_dir = run.accelerator, run.run_dir
-    classes = make_dataset(shards, cfg.train_split).classes
-    if cfg.val_split:  # a missing split fails now, not at the first validation
-        try:
-            make_dataset(shards, cfg.val_split)
-        except ShardError as err:
-            raise ShardError(f"key 'val_split': {err}. Validate on a split carved from the training data "
-                             "(`synth import ... --val-ratio 0.15`), or set val_split=null; never on the "
-                             "split the models are compared on") from None
-    subset = select_subset(list_keys(shards, cfg.train_split), cfg.train_samples, cfg.seed)
-    model, mcfg = build_segmenter(cfg, classes)
-    init_report = None
-    if cfg.init is not None:
-        init_report = load_init(model, cfg.init, mcfg["model"])
-        mcfg["init"] = str(cfg.init)
-    frozen = freeze(model, cfg.freeze, mcfg["model"]) if cfg.freeze is not None else []
-    weights = auto_class_weights(shards, cfg.train_split, classes, subset) if cfg.class_weights == "auto" else None
-    if weights is not None:
-        log.info("class weights from the training pixels: %s", dict(zip(classes, [round(w, 2) for w in weights],
-                                                                      strict=True)))
-    if acc.is_main_process:
-        (run_dir / "run_info.json").write_text(json.dumps({
-            "init": str(cfg.init) if cfg.init else None,
-            "init_report": {k: (len(v), v[:20]) for k, v in init_report.items()} if init_report else None,
-            "frozen": len(frozen), "class_weights": weights or cfg.class_weights,
-            "train_samples": len(subset) if subset is not None else None, "subset": subset, "model": mcfg},
-            indent=2) + "\n")
-    mean = torch.tensor(mcfg["mean"], device=acc.device).view(1, -1, 1, 1)
-    std = torch.tensor(mcfg["std"], device=acc.device).view(1, -1, 1, 1)
-
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return (x - mean) / std
-
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, weight_decay=cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
-    prepared, optimizer = acc.prepare(model, optimizer)
-    aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
-    last_val: dict | None = None
-
-    def make_loader(epoch: int, batches: int):
-        return train_loader(shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
-                            batches=batches, world_size=acc.num_processes, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=classes, keys=subset)
-
-    def micro_step(batch: dict, first: bool) -> dict:
-        images, masks = augment_batch(aug, *to_device(batch, acc.device))
-        return criterion(prepared(normalize(images)), masks)
-
-    def validate_now(step: int) -> dict:
-        nonlocal last_val
-        last_val = validate(run, acc.unwrap_model(prepared), shards, cfg, classes, normalize, step)
-        return last_val
-
-    try:
-        run.start(scheduler)
-        step = run.fit(prepared, optimizer, scheduler, make_loader=make_loader, micro_step=micro_step,
-                       validate=validate_now if cfg.val_split else None, progress=progress, desc="finetune")
-        if step == cfg.max_steps and acc.is_main_process:
-            save_segmenter(acc.unwrap_model(prepared), run_dir, mcfg)
-        acc.wait_for_everyone()
-    finally:
-        run.end()
-    return {"step": step, "val": last_val, "checkpoint": str(last_checkpoint(run_dir)),
-            "model": str(run_dir / "model.safetensors") if step == cfg.max_steps else None,
-            "init": init_report and {k: len(v) for k, v in init_report.items()}}
+    return run_task(FinetuneTask(cfg, shards), run_dir, progress=progress)
 
 
 __all__ = ["Segmenter", "SegLoss", "predict", "select_subset", "train", "validate"]

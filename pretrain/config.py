@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from defectforge.config import require, section
 from defectforge.training import TrainingKeys, validate_training_keys
@@ -16,11 +16,12 @@ class PretrainConfig(TrainingKeys, MixConfig):
     """Every key of `python -m pretrain` (docs/pretrain.md): the TrainingKeys, the mixing keys of MixConfig
     (cutmix_alpha, cutmix_prob, mixup_alpha, switch_prob, label_mode; pretrain/cutmix.py) and these."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"img_size": "crop_size"}
+
     name: str = "pretrain"
     # model (pretrain/models.py): any timm name or alias, built with pretrained=False
     model: str = "vit_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int = 224
     global_pool: str | None = None  # null = the model's default; ViTs: token (CLS) | avg (GAP) | ...
     weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
     drop_path_rate: float = 0.0
@@ -28,18 +29,13 @@ class PretrainConfig(TrainingKeys, MixConfig):
     dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
     # optimisation beyond the TrainingKeys (batch_size, lr, max_steps, ...)
     layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
-    ema: bool = False
-    ema_decay: float = 0.999
-    compile: bool = False
     # mixing, augmentation on the device, data and bookkeeping: the MixConfig and TrainingKeys fields
 
     def validate(self) -> None:
         validate_training_keys(self)
-        require(isinstance(self.img_size, int) and 32 <= self.img_size <= 4096, "img_size", self.img_size,
-                "an integer between 32 and 4096")
+        require(self.crop_size >= 32, "crop_size", self.crop_size, "an integer between 32 and 4096")
         require(self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", self.layer_decay,
                 "null or a number in (0, 1]")
-        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a number in [0, 1)")
         require(self.dense_weight >= 0, "dense_weight", self.dense_weight, "a number >= 0")
         self.mix.validate()

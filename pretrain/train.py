@@ -18,16 +18,15 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from PIL import Image
 from timm.data import resolve_data_config
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.utils import ModelEmaV3
 
 from defectforge.augment import augment_batch, build_augment
 from defectforge.data import to_device, train_loader, val_loader
-from defectforge.loop import NonFiniteLoss, Run, checkpoints, last_checkpoint, lr_factor  # noqa: F401  (re-exported)
+from defectforge.loop import NonFiniteLoss, Run, checkpoints  # noqa: F401  (re-exported)
 from defectforge.reader import make_dataset
 from defectforge.tracking import class_palette, mask_grid
+from defectforge.training import Task, normalizer, run_task
 
 from .config import PretrainConfig
 from .cutmix import mix_batch
@@ -80,14 +79,60 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, loader, normalize
 
 
 def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, dict]:
-    backbone = create_backbone(cfg.model, num_classes=len(classes) - 1, img_size=cfg.img_size,
+    backbone = create_backbone(cfg.model, num_classes=len(classes) - 1, img_size=cfg.crop_size,
                                global_pool=cfg.global_pool, weights=cfg.weights, drop_path_rate=cfg.drop_path_rate,
                                skip_head=True, **cfg.model_kwargs)
     data_cfg = resolve_data_config({}, model=backbone)
-    mcfg = model_config(cfg.model, num_classes=len(classes) - 1, classes=classes, img_size=cfg.img_size,
+    mcfg = model_config(cfg.model, num_classes=len(classes) - 1, classes=classes, img_size=cfg.crop_size,
                         global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
                         std=data_cfg["std"])
     return PretrainNet(backbone, len(classes) - 1, dense_head=cfg.dense_head), mcfg
+
+
+class PretrainTask(Task):
+    """Multi-label BCE (+ the dense head's cross-entropy) on augmented, mixed batches of synthetic shards."""
+
+    job_type = "pretrain"
+
+    def build(self, run: Run) -> PretrainNet:
+        cfg, shards, acc = self.cfg, self.shards, run.accelerator
+        probe = make_dataset(shards, cfg.train_split)
+        self.classes = probe.classes
+        if acc.is_main_process:
+            info = probe.info or {}
+            (run.run_dir / "run_info.json").write_text(json.dumps({
+                "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
+                "sources": info.get("sources") or [info.get("source")], "classes": self.classes}, indent=2) + "\n")
+        net, self.mcfg = build_model(cfg, self.classes)
+        self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
+        self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
+        self.val = val_loader(shards, cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
+                              num_workers=min(cfg.num_workers, 1), classes=self.classes) if cfg.val_split else None
+        return net
+
+    def param_groups(self, model: PretrainNet) -> list[dict]:
+        return param_groups(model, self.cfg)
+
+    def loader(self, run: Run, epoch: int, batches: int):
+        cfg = self.cfg
+        return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
+                            batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes)
+
+    def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        return pretrain_losses(run, model, batch, self.aug, self.mix, self.normalize, self.cfg, self.classes,
+                               grid_path=run.run_dir / "cutmix_grid.png" if first else None)
+
+    def validate(self, run: Run, model, step: int) -> dict:
+        result = validate(run.accelerator, model, self.val, self.normalize, self.classes)
+        return {"val_mAP": result["mAP"], "val_samples": result["samples"],
+                **{f"val_AP/{k}": v for k, v in result["ap"].items() if v is not None}}
+
+    def export(self, run: Run, model: PretrainNet) -> None:
+        save_model(model.backbone, run.run_dir, self.mcfg)
+
+    def summary(self, run: Run, done: bool) -> dict:
+        return {"model": str(run.run_dir / "model.safetensors") if done else None}
 
 
 def train(cfg: PretrainConfig, shards: str | list[str], run_dir: str | Path, *, progress: bool = True) -> dict:
@@ -96,61 +141,7 @@ def train(cfg: PretrainConfig, shards: str | list[str], run_dir: str | Path, *, 
     `shards`: one location, or several dataset folders with the same classes read as one stream (for example
     procedural and diffusion shards); RUN/run_info.json records them and their `source`s.
     """
-    run = Run(cfg, run_dir, job_type="pretrain")
-    acc, run_dir = run.accelerator, run.run_dir
-    probe = make_dataset(shards, cfg.train_split)
-    classes = probe.classes
-    if acc.is_main_process:
-        info = probe.info or {}
-        (run_dir / "run_info.json").write_text(json.dumps({
-            "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
-            "sources": info.get("sources") or [info.get("source")], "classes": classes}, indent=2) + "\n")
-    net, mcfg = build_model(cfg, classes)
-    mean = torch.tensor(mcfg["mean"], device=acc.device).view(1, -1, 1, 1)
-    std = torch.tensor(mcfg["std"], device=acc.device).view(1, -1, 1, 1)
-
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return (x - mean) / std
-
-    optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
-    ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=cfg.ema_decay) if cfg.ema else None
-    aug, mix = build_augment(cfg.augment, (cfg.img_size, cfg.img_size)), cfg.mix
-    val = val_loader(shards, cfg.val_split, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                     num_workers=min(cfg.num_workers, 1), classes=classes) if cfg.val_split else None
-    last_val: dict | None = None
-
-    def weights_to_keep() -> PretrainNet:  # what is validated and saved: the EMA when there is one
-        return ema.module if ema is not None else acc.unwrap_model(model, keep_torch_compile=False)
-
-    def make_loader(epoch: int, batches: int):
-        return train_loader(shards, cfg.train_split, img_size=cfg.img_size, batch_size=cfg.batch_size,
-                            batches=batches, world_size=acc.num_processes, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=classes)
-
-    def micro_step(batch: dict, first: bool) -> dict:
-        return pretrain_losses(run, model, batch, aug, mix, normalize, cfg, classes,
-                               grid_path=run_dir / "cutmix_grid.png" if first else None)
-
-    def validate_now(step: int) -> dict:
-        nonlocal last_val
-        last_val = validate(acc, weights_to_keep(), val, normalize, classes)
-        return {"val_mAP": last_val["mAP"], "val_samples": last_val["samples"],
-                **{f"val_AP/{k}": v for k, v in last_val["ap"].items() if v is not None}}
-
-    try:
-        run.start(*([scheduler, ema] if ema is not None else [scheduler]))
-        step = run.fit(model, optimizer, scheduler, make_loader=make_loader, micro_step=micro_step,
-                       validate=validate_now if val is not None else None, ema=ema, progress=progress,
-                       desc="pretrain")
-        if step == cfg.max_steps and acc.is_main_process:
-            save_model(weights_to_keep().backbone, run_dir, mcfg)
-        acc.wait_for_everyone()
-    finally:
-        run.end()
-    return {"step": step, "val": last_val, "checkpoint": str(last_checkpoint(run_dir)),
-            "model": str(run_dir / "model.safetensors") if step == cfg.max_steps else None}
+    return run_task(PretrainTask(cfg, shards), run_dir, progress=progress)
 
 
 def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: PretrainConfig, classes: list[str], *,
@@ -173,13 +164,5 @@ def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: Pret
 
 def log_grid(run: Run, images, masks, classes: list[str], path: Path, mode: str) -> None:
     """The first mixed batch and its masks, as RUN/cutmix_grid.png and a W&B image."""
-    grid = mask_grid(images, masks, class_palette(classes))
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
-    tmp.replace(path)
-    if run.accelerator.trackers:
-        import wandb
-
-        caption = f"{mode}: images (top) and mixed masks (bottom); " + ", ".join(
-            f"{i}={c}" for i, c in enumerate(classes))
-        run.log_images({"cutmix_batch": wandb.Image(grid, caption=caption)}, step=0)
+    caption = f"{mode}: images (top) and mixed masks (bottom); " + ", ".join(f"{i}={c}" for i, c in enumerate(classes))
+    run.save_image(mask_grid(images, masks, class_palette(classes)), path, key="cutmix_batch", step=0, caption=caption)

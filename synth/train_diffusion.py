@@ -2,7 +2,7 @@
 
     accelerate launch -m synth train-diffusion --config configs/synth/diffusion.yaml --shards DIR [DIR ...] --out RUN
 
-Driven by the same Accelerate loop as pretraining (`defectforge.loop.Run`: checkpoints, exact resume, W&B,
+Driven by the shared training skeleton (`defectforge.training.run_task`: checkpoints, exact resume, W&B,
 metrics.jsonl). Each training sample becomes an inpainting task (synth/diffusion.py for the model):
 
 - an image with defects: one of its defect classes is picked, the region to regenerate is that class's mask
@@ -27,20 +27,20 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from defectforge import __version__
 from defectforge.augment import augment_batch, build_augment
 from defectforge.config import require
 from defectforge.data import to_device, train_loader, val_loader
-from defectforge.loop import Run, last_checkpoint, lr_factor
+from defectforge.loop import Run
 from defectforge.reader import make_dataset
 from defectforge.tracking import class_palette, mask_grid
-from defectforge.training import TrainingKeys, validate_training_keys
+from defectforge.training import Task, TrainingKeys, run_task, validate_training_keys
 
 from .diffusion import PREDICTION_TYPES, DefectInpaintPipeline, build_unet, save_pipeline, training_scheduler
 
@@ -51,9 +51,11 @@ log = logging.getLogger(__name__)
 class DiffusionTrainConfig(TrainingKeys):
     """Every key of `python -m synth train-diffusion` (docs/diffusion.md)."""
 
+    RENAMED: ClassVar[dict[str, str]] = {"image_size": "crop_size"}
+
     name: str = "diffusion"
+    crop_size: int = 64  # training crops (the UNet runs on any multiple of 2**(levels-1) afterwards)
     # model
-    image_size: int = 64  # training crops (the UNet runs on any multiple of 2**(levels-1) afterwards)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     layers_per_block: int = 2
     attention: bool = True  # self-attention at the lowest resolution
@@ -73,7 +75,6 @@ class DiffusionTrainConfig(TrainingKeys):
     warmup_steps: int = 500
     weight_decay: float = 0.0
     ema: bool = True
-    ema_decay: float = 0.999
     # augmentation: flips and quarter turns only by default (colour is what the model must learn)
     color_jitter: float = 0.0
     resized_crop: bool = False
@@ -86,15 +87,14 @@ class DiffusionTrainConfig(TrainingKeys):
 
     def validate(self) -> None:
         validate_training_keys(self)
-        require(isinstance(self.image_size, int) and 16 <= self.image_size <= 1024, "image_size", self.image_size,
-                "an integer between 16 and 1024")
+        require(self.crop_size <= 1024, "crop_size", self.crop_size, "an integer between 16 and 1024")
         ch = self.channels
         require(isinstance(ch, list) and 2 <= len(ch) <= 6 and all(isinstance(c, int) and c > 0 for c in ch),
                 "channels", ch, "a list of 2-6 positive channel counts, one per resolution level")
         require(all(c % self.norm_groups == 0 for c in ch), "norm_groups", self.norm_groups,
                 f"a divisor of every channel count {ch}")
         multiple = 2 ** (len(ch) - 1)
-        require(self.image_size % multiple == 0, "image_size", self.image_size,
+        require(self.crop_size % multiple == 0, "crop_size", self.crop_size,
                 f"a multiple of {multiple} (2**(len(channels) - 1))")
         require(isinstance(self.head_dim, int) and self.head_dim >= 1 and ch[-1] % self.head_dim == 0, "head_dim",
                 self.head_dim, f"a divisor of the last channel count {ch[-1]}")
@@ -106,7 +106,6 @@ class DiffusionTrainConfig(TrainingKeys):
                 "an integer in [0, 64]")
         require(0.0 <= self.full_prob <= 1.0, "full_prob", self.full_prob, "a number in [0, 1]")
         require(0.0 <= self.outside_weight <= 1.0, "outside_weight", self.outside_weight, "a number in [0, 1]")
-        require(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "a number in (0, 1)")
         require(isinstance(self.sample_steps, int) and self.sample_steps >= 1, "sample_steps", self.sample_steps,
                 "an integer >= 1")
 
@@ -181,107 +180,100 @@ def sample_grid(unet, scheduler, images: torch.Tensor, region: torch.Tensor, lab
     return np.concatenate([*rows, mask_grid(samples, regions, class_palette(classes))], axis=0)
 
 
-def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, progress: bool = True) -> dict:
-    """Train and write RUN/pipeline; returns a summary."""
-    from timm.utils import ModelEmaV3
+class DiffusionTask(Task):
+    """The denoising loss of the inpainting task (module doc) on image+mask shards of one or more folders."""
 
-    shards = [shards] if isinstance(shards, str) else list(shards)
-    classes, per_folder = merged_classes(shards)
-    run = Run(cfg, out, job_type="train-diffusion")
-    acc, run_dir = run.accelerator, run.run_dir
-    luts = [torch.tensor([classes.index(c) for c in folder], device=acc.device) for folder in per_folder]
+    job_type = "train-diffusion"
 
-    unet = build_unet(cfg.image_size, len(classes), cfg.channels, cfg.layers_per_block, cfg.attention,
-                      cfg.norm_groups, cfg.head_dim)
-    noise_scheduler = training_scheduler(cfg.num_train_timesteps, cfg.prediction)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    model, optimizer = acc.prepare(unet, optimizer)
-    ema = ModelEmaV3(acc.unwrap_model(model), decay=cfg.ema_decay) if cfg.ema else None
-    aug = build_augment(cfg.augment, (cfg.image_size, cfg.image_size))
-    if acc.is_main_process:
-        log.info("classes %s from %d folder(s); UNet %.1f M parameters", classes, len(shards),
-                 sum(p.numel() for p in unet.parameters()) / 1e6)
+    def build(self, run: Run):
+        cfg, shards, acc = self.cfg, self.shards, run.accelerator
+        self.classes, self.per_folder = merged_classes(shards)
+        self.luts = [torch.tensor([self.classes.index(c) for c in folder], device=acc.device)
+                     for folder in self.per_folder]
+        unet = build_unet(cfg.crop_size, len(self.classes), cfg.channels, cfg.layers_per_block, cfg.attention,
+                          cfg.norm_groups, cfg.head_dim)
+        self.noise_scheduler = training_scheduler(cfg.num_train_timesteps, cfg.prediction)
+        self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
+        if acc.is_main_process:
+            log.info("classes %s from %d folder(s); UNet %.1f M parameters", self.classes, len(shards),
+                     sum(p.numel() for p in unet.parameters()) / 1e6)
+        self.fixed = self._fixed_batch(acc) if cfg.val_split and acc.is_main_process else None
+        return unet
 
-    fixed = None
-    if cfg.val_split and acc.is_main_process:
-        batch = next(iter(val_loader(shards[0], cfg.val_split, img_size=cfg.image_size,
+    def _fixed_batch(self, acc) -> tuple:
+        """The validation batch, regions, noise and timesteps every validation reuses (seeded, main process)."""
+        cfg = self.cfg
+        batch = next(iter(val_loader(self.shards[0], cfg.val_split, img_size=cfg.crop_size,
                                      batch_size=min(8, cfg.batch_size), num_workers=0)))
         images, masks = to_device(batch, acc.device)
         state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed)
-        region, labels = make_regions(luts[0][masks], cfg)
+        region, labels = make_regions(self.luts[0][masks], cfg)
         torch.random.set_rng_state(state)
-        g = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn(images.shape, generator=g).to(acc.device)
+        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(cfg.seed)).to(acc.device)
         t = torch.linspace(0, cfg.num_train_timesteps - 1, images.shape[0]).long().to(acc.device)
-        fixed = (images, region, labels, noise, t)
+        return images, region, labels, noise, t
 
-    def weights_to_keep():
-        return ema.module if ema is not None else acc.unwrap_model(model)
+    def param_groups(self, model) -> list[dict]:
+        return [{"params": list(model.parameters()), "weight_decay": self.cfg.weight_decay}]
 
-    def make_loader(epoch: int, batches: int):
-        per = math.ceil(batches / len(shards))
-        loaders = [train_loader(s, cfg.train_split, img_size=cfg.image_size, batch_size=cfg.batch_size, batches=per,
+    def loader(self, run: Run, epoch: int, batches: int):
+        cfg, acc = self.cfg, run.accelerator
+        per = math.ceil(batches / len(self.shards))
+        loaders = [train_loader(s, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size, batches=per,
                                 world_size=acc.num_processes, num_workers=cfg.num_workers,
                                 shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 7919 * k, epoch=epoch,
-                                classes=per_folder[k])
-                   for k, s in enumerate(shards)]
+                                classes=self.per_folder[k])
+                   for k, s in enumerate(self.shards)]
         for group in zip(*loaders, strict=False):
             for k, batch in enumerate(group):
                 yield {**batch, "folder": k}
 
-    def micro_step(batch: dict, first: bool) -> dict:
-        images, masks = to_device(batch, acc.device)
-        images, masks = augment_batch(aug, images, luts[batch["folder"]][masks])
-        region, labels = make_regions(masks, cfg)
-        return {"loss": denoising_loss(model, noise_scheduler, images, region, labels, cfg.outside_weight)}
+    def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        images, masks = to_device(batch, run.accelerator.device)
+        images, masks = augment_batch(self.aug, images, self.luts[batch["folder"]][masks])
+        region, labels = make_regions(masks, self.cfg)
+        return {"loss": denoising_loss(model, self.noise_scheduler, images, region, labels, self.cfg.outside_weight)}
 
-    def validate_now(step: int) -> dict:
-        if not acc.is_main_process or fixed is None:
+    def validate(self, run: Run, model, step: int) -> dict:
+        if self.fixed is None:
             return {}
-        net = weights_to_keep()
-        net.eval()
+        cfg = self.cfg
+        model.eval()
         with torch.no_grad():
-            images, region, labels, noise, t = fixed
-            val_loss = float(denoising_loss(net, noise_scheduler, images, region, labels, cfg.outside_weight,
+            images, region, labels, noise, t = self.fixed
+            val_loss = float(denoising_loss(model, self.noise_scheduler, images, region, labels, cfg.outside_weight,
                                             noise=noise, timesteps=t))
-            grid = sample_grid(net, noise_scheduler, images, region, labels, classes, cfg.sample_steps, cfg.seed)
-        net.train()
-        path = run_dir / "samples" / f"step-{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        Image.fromarray(grid).save(tmp)
-        tmp.replace(path)
-        if acc.trackers:
-            import wandb
-
-            run.log_images({"inpaint_samples": wandb.Image(grid, caption=(
-                "rows: originals, inputs with the region blanked, samples composited, regions by class ("
-                + ", ".join(f"{i}={c}" for i, c in enumerate(classes)) + ")"))}, step=step)
+            grid = sample_grid(model, self.noise_scheduler, images, region, labels, self.classes, cfg.sample_steps,
+                               cfg.seed)
+        model.train()
+        caption = ("rows: originals, inputs with the region blanked, samples composited, regions by class ("
+                   + ", ".join(f"{i}={c}" for i, c in enumerate(self.classes)) + ")")
+        run.save_image(grid, run.run_dir / "samples" / f"step-{step:07d}.png", key="inpaint_samples", step=step,
+                       caption=caption)
         return {"val_loss": val_loss}
 
-    try:
-        run.start(*([scheduler, ema] if ema is not None else [scheduler]))
-        step = run.fit(model, optimizer, scheduler, make_loader=make_loader, micro_step=micro_step,
-                       validate=validate_now, ema=ema, progress=progress, desc="train-diffusion")
-        pipeline = None
-        if step == cfg.max_steps and acc.is_main_process:
-            pipeline = save_pipeline(weights_to_keep(), noise_scheduler, run_dir / "pipeline", {
-                "classes": classes, "image_size": cfg.image_size, "trained_on": [str(s) for s in shards],
-                "steps": step, "ema": cfg.ema, "defectforge_version": __version__})
-        acc.wait_for_everyone()
-    finally:
-        run.end()
-    return {"step": step, "classes": classes, "checkpoint": str(last_checkpoint(run_dir)),
-            "pipeline": str(run_dir / "pipeline") if step == cfg.max_steps else None,
-            "pipeline_written": pipeline is not None}
+    def export(self, run: Run, model) -> None:
+        save_pipeline(model, self.noise_scheduler, run.run_dir / "pipeline", {
+            "classes": self.classes, "image_size": self.cfg.crop_size, "trained_on": [str(s) for s in self.shards],
+            "steps": self.cfg.max_steps, "ema": self.cfg.ema, "defectforge_version": __version__})
+
+    def summary(self, run: Run, done: bool) -> dict:
+        pipeline = run.run_dir / "pipeline"
+        return {"classes": self.classes, "pipeline": str(pipeline) if done else None,
+                "pipeline_written": done and pipeline.is_dir()}
+
+
+def train(cfg: DiffusionTrainConfig, shards: list[str] | str, out: str | Path, progress: bool = True) -> dict:
+    """Train and write RUN/pipeline; returns a summary."""
+    return run_task(DiffusionTask(cfg, [shards] if isinstance(shards, str) else list(shards)), out,
+                    progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
     from defectforge.cli import training_main
 
-    return training_main("synth train-diffusion", __doc__, DiffusionTrainConfig, train, "max_steps=2000 image_size=64",
+    return training_main("synth train-diffusion", __doc__, DiffusionTrainConfig, train, "max_steps=2000 crop_size=64",
                          argv, config_example="configs/synth/diffusion.yaml", multi_shards=True)
 
 

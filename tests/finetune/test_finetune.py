@@ -77,7 +77,7 @@ def test_freezing_keeps_weights_and_batchnorm_statistics_bit_identical(shards, t
 
 
 def test_init_from_a_pretrain_run_loads_the_saved_backbone_and_rejects_a_mismatch(shards, tmp_path):
-    pcfg = load_config(PretrainConfig, None, {"model": "vit_tiny", "model_kwargs": SMALL_VIT, "img_size": 64,
+    pcfg = load_config(PretrainConfig, None, {"model": "vit_tiny", "model_kwargs": SMALL_VIT, "crop_size": 64,
                                               "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                                               "val_split": None, "num_workers": 0, "wandb": False})
     pretrain(pcfg, str(shards), tmp_path / "pre", progress=False)

@@ -22,7 +22,7 @@ from pretrain.train import NonFiniteLoss, checkpoints, train
 from tests.synth.helpers import make_shards
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {"model": "vit_tiny", "model_kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}, "img_size": 64,
+TINY = {"model": "vit_tiny", "model_kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}, "crop_size": 64,
         "batch_size": 4, "max_steps": 6, "warmup_steps": 1, "checkpoint_every": 4, "val_every": 3, "log_every": 1,
         "num_workers": 1, "shuffle_buffer": 8, "wandb": False}
 
@@ -167,3 +167,17 @@ def test_ema_accumulation_and_layer_decay_save_the_ema_weights(shards, tmp_path)
     for key, value in saved.items():
         assert torch.equal(value, ema_state[f"module.backbone.{key}"]), key
     assert any(not torch.equal(value, live[f"backbone.{key}"]) for key, value in saved.items())
+
+
+@pytest.mark.parametrize("old", ["img_size", "image_size"])
+def test_a_renamed_key_fails_naming_its_new_name(tmp_path, old):
+    from synth.train_diffusion import DiffusionTrainConfig
+
+    schema = PretrainConfig if old == "img_size" else DiffusionTrainConfig
+    with pytest.raises(ConfigError, match=rf"key '{old}' was renamed to 'crop_size'"):
+        load_config(schema, None, [f"{old}=64"])
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{old}: 64\n")
+    with pytest.raises(ConfigError, match=rf"{path}: key '{old}' was renamed to 'crop_size'"):
+        load_config(schema, path)
+    assert load_config(schema, None, ["crop_size=64"]).crop_size == 64

@@ -27,7 +27,7 @@ from synth.diffusion import (
 from synth.generate import generate
 from synth.train_diffusion import DiffusionTrainConfig, make_regions, train
 
-TINY = {"image_size": 32, "channels": [16, 32], "layers_per_block": 1, "norm_groups": 8, "batch_size": 4,
+TINY = {"crop_size": 32, "channels": [16, 32], "layers_per_block": 1, "norm_groups": 8, "batch_size": 4,
         "max_steps": 4, "warmup_steps": 1, "log_every": 2, "val_every": 2, "checkpoint_every": 2, "sample_steps": 2,
         "num_workers": 0, "wandb": False}
 GEN = {"num_samples": 6, "image_size": 64, "workers": 1, "image_format": "png", "val_ratio": 0.0, "shard_size": 3,
