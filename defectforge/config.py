@@ -147,3 +147,69 @@ def require(cond: bool, key: str, value: Any, expected: str) -> None:
     """Raise a ConfigError naming key, value and expectation unless `cond` holds."""
     if not cond:
         raise ConfigError(f"key '{key}': value {value!r} is invalid, expected {expected}")
+
+
+def _field_notes(schema: type) -> dict[str, tuple[str, str]]:
+    """{key: (class that declares it, its trailing comment)} from the source of `schema` and its bases."""
+    import inspect
+    import re
+
+    notes: dict[str, tuple[str, str]] = {}
+    for cls in reversed(schema.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            match = re.match(r"^    (\w+): [^=]+?(?:= .*?)?(?:  # (.*))?$", line)
+            if match and match.group(1) in cls.__annotations__:
+                key, comment = match.group(1), match.group(2) or ""
+                notes[key] = (f"{cls.__module__}.{cls.__name__}", notes.get(key, ("", ""))[1] or comment)
+    return notes
+
+
+def _declaring(schema: type, key: str) -> list[str]:
+    """Every class of `schema`'s bases that declares `key` (the base, then each class that changes its default)."""
+    return [f"{c.__module__}.{c.__name__}" for c in reversed(schema.__mro__) if key in getattr(c, "__annotations__", {})]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "(required)"
+
+
+def key_table(schemas: dict[str, type]) -> str:
+    """A Markdown table of every key of `schemas` ({command: schema}), each key once: its default per command
+    (one value when all agree), the commands that read it, where it is declared and what it means.
+
+    Lines of a key that a schema renamed (`RENAMED`) follow the table."""
+    rows: dict[str, dict] = {}
+    for command, schema in schemas.items():
+        notes = _field_notes(schema)
+        for f in dataclasses.fields(schema):
+            row = rows.setdefault(f.name, {"defaults": {}, "declared": set(), "note": ""})
+            row["defaults"][command] = _default(f)
+            declared, note = notes.get(f.name, ("", ""))
+            row["declared"].update(c for c in _declaring(schema, f.name) if c)
+            row["note"] = row["note"] or note
+
+    def show(value: Any) -> str:
+        return "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip() + "`"
+
+    lines = ["| key | default | read by | declared in | meaning |", "|---|---|---|---|---|"]
+    for key in sorted(rows):
+        row = rows[key]
+        values = {show(v) for v in row["defaults"].values()}
+        default = values.pop() if len(values) == 1 else ", ".join(f"{show(v)} ({c})" for c, v in row["defaults"].items())
+        lines.append(f"| `{key}` | {default} | {', '.join(row['defaults'])} | "
+                     f"{', '.join(f'`{d}`' for d in sorted(row['declared']) if d)} | {row['note'].replace('|', '/')} |")
+    renamed = [(c, old, new) for c, s in schemas.items() for old, new in getattr(s, "RENAMED", {}).items()]
+    if renamed:
+        lines += ["", "Renamed keys (a config that still uses one fails naming the new name):", ""]
+        lines += [f"- `{old}` -> `{new}` ({c})" for c, old, new in renamed]
+    return "\n".join(lines) + "\n"
