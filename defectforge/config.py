@@ -172,7 +172,8 @@ def _field_notes(schema: type) -> dict[str, tuple[str, str]]:
 
 def _declaring(schema: type, key: str) -> list[str]:
     """Every class of `schema`'s bases that declares `key` (the base, then each class that changes its default)."""
-    return [f"{c.__module__}.{c.__name__}" for c in reversed(schema.__mro__) if key in getattr(c, "__annotations__", {})]
+    return [f"{c.__module__}.{c.__name__}" for c in reversed(schema.__mro__)
+            if key in getattr(c, "__annotations__", {})]
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -205,7 +206,8 @@ def key_table(schemas: dict[str, type]) -> str:
     for key in sorted(rows):
         row = rows[key]
         values = {show(v) for v in row["defaults"].values()}
-        default = values.pop() if len(values) == 1 else ", ".join(f"{show(v)} ({c})" for c, v in row["defaults"].items())
+        default = values.pop() if len(values) == 1 else ", ".join(
+            f"{show(v)} ({c})" for c, v in row["defaults"].items())
         lines.append(f"| `{key}` | {default} | {', '.join(row['defaults'])} | "
                      f"{', '.join(f'`{d}`' for d in sorted(row['declared']) if d)} | {row['note'].replace('|', '/')} |")
     renamed = [(c, old, new) for c, s in schemas.items() for old, new in getattr(s, "RENAMED", {}).items()]
