@@ -14,10 +14,12 @@ from pretrain.models import (
     ALIASES,
     PretrainNet,
     create_backbone,
+    family_of,
     features_to_map,
     load_model,
     load_weights,
     model_config,
+    model_family,
     resolve_model_name,
     save_model,
 )
@@ -98,11 +100,25 @@ def test_without_dense_head_only_logits():
     assert set(out) == {"logits"}
 
 
-@pytest.mark.parametrize(("name", "params_m"), [("vit_large_patch16_224", 304.3), ("resnet152", 60.2)])
-def test_full_size_models_construct(name, params_m):
+@pytest.mark.parametrize("name", ["vit_large_patch16_224", "resnet152"])
+def test_full_size_models_construct_with_the_requested_head(name):
     with torch.device("meta"):  # full width without allocating memory
-        model = create_backbone(name, num_classes=1000)
-    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
+        model = create_backbone(name, num_classes=K)
+    assert model.get_classifier().out_features == K
+
+
+@pytest.mark.parametrize(("name", "family"), [
+    ("vit_tiny", "ViT"), ("vit_large", "ViT"), ("vit_small_patch14_dinov2", "ViT"), ("deit_tiny_patch16_224", "ViT"),
+    ("vit_hybrid_small", "ViT-Hybrid"), ("vit_base_r50_s16_224", "ViT-Hybrid"), ("swin_tiny", "Swin"),
+    ("convnext_tiny", "CNN"), ("resnet50", "CNN"), ("hrnet_w18", "CNN")])
+def test_model_family_of_names(name, family):
+    assert model_family(name) == family
+
+
+@pytest.mark.parametrize(("tiny", "family"), [("vit_tiny", "ViT"), ("vit_hybrid", "ViT-Hybrid"), ("swin", "Swin"),
+                                              ("convnext_atto", "CNN"), ("hrnet", "CNN")])
+def test_family_of_built_models(tiny, family):
+    assert family_of(_tiny(tiny)) == family
 
 
 def test_random_init_is_logged(caplog):
