@@ -26,7 +26,7 @@ def tiny_study(tmp_path: Path, diffusion: bool = False) -> Path:
         "test_4k": {"config": "configs/synth/4k.yaml",
                     "overrides": {"num_samples": 2, "image_size": [160, 288], "workers": 1}},
         "pretrain": [{"name": "vit", "config": "configs/pretrain/quickstart.yaml",
-                      "overrides": {"model_kwargs": {"embed_dim": 48, "num_heads": 2}, "img_size": 64,
+                      "overrides": {"model_kwargs": {"embed_dim": 48, "num_heads": 2}, "crop_size": 64,
                                     "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                                     "val_every": 2, "num_workers": 0, "wandb": False}}],
         "finetune": [
@@ -48,7 +48,7 @@ def tiny_study(tmp_path: Path, diffusion: bool = False) -> Path:
     if diffusion:  # the procedural-only vs procedural+diffusion pretraining switch
         study["diffusion"] = {
             "train": {"config": "configs/synth/diffusion_quickstart.yaml",
-                      "overrides": {"image_size": 32, "channels": [16, 32], "norm_groups": 8, "layers_per_block": 1,
+                      "overrides": {"crop_size": 32, "channels": [16, 32], "norm_groups": 8, "layers_per_block": 1,
                                     "batch_size": 2, "max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2,
                                     "val_every": 2, "sample_steps": 2, "num_workers": 0, "wandb": False}},
             "data": ["pretrain"],
