@@ -64,7 +64,7 @@ from defectforge.data import train_loader
 from defectforge.tracking import read_metrics
 from pretrain.config import PretrainConfig
 from pretrain.train import build_model, param_groups, train
-from synth.compose import SynthConfig
+from synth.config import SynthConfig
 from synth.generate import generate
 
 NUM_SAMPLES = 256

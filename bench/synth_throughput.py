@@ -25,7 +25,8 @@ from PIL import Image
 from defectforge.config import load_config
 from defectforge.reader import make_dataset
 from defectforge.shards import encode_sample, iter_raw_samples, write_shard
-from synth.compose import SynthConfig, render_sample
+from synth.compose import render_sample
+from synth.config import SynthConfig
 from synth.generate import generate, sample_key
 
 

@@ -15,7 +15,7 @@ from defectforge.config import ConfigError, load_config
 from evaluate.config import EvalConfig
 from finetune.config import FinetuneConfig
 from pretrain.config import PretrainConfig
-from synth.compose import SynthConfig
+from synth.config import SynthConfig
 
 DATA_FOLDERS = ("pretrain", "target", "diffusion")
 DEFAULT_EVALUATE = "configs/evaluate/default.yaml"

@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> None:
     from defectforge.config import load_config
 
-    from .compose import SynthConfig
+    from .config import SynthConfig
     from .generate import generate
 
     cfg = load_config(SynthConfig, args.config, args.overrides)
@@ -81,14 +81,14 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _preview(args: argparse.Namespace) -> None:
-    from .inspect import preview
+    from .preview import preview
 
     path = preview(args.folder, args.out, split=args.split, num=args.num, seed=args.seed)
     log.info("wrote %s", path)
 
 
 def _stats(args: argparse.Namespace) -> None:
-    from .inspect import format_stats, stats
+    from .preview import format_stats, stats
 
     result = stats(args.folder)
     if args.json == "-":

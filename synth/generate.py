@@ -35,7 +35,8 @@ from defectforge.shards import (
     write_shard,
 )
 
-from .compose import SynthConfig, background_files, render_sample
+from .compose import render_sample
+from .config import SynthConfig, background_files
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"

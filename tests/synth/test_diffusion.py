@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 
 from defectforge.config import ConfigError, load_config
 from defectforge.reader import make_dataset
-from synth.compose import SynthConfig
+from synth.config import SynthConfig
 from synth.diffusion import (
     DefectInpaintPipeline,
     build_unet,

@@ -11,7 +11,7 @@ from PIL import Image
 
 from defectforge.shards import encode_sample, shard_name, write_info, write_shard
 from synth.importer import import_folder
-from synth.inspect import _pick, _thumbnail, format_stats, preview, stats
+from synth.preview import _pick, _thumbnail, format_stats, preview, stats
 
 
 @pytest.fixture(scope="module")
