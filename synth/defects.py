@@ -15,22 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from synth import kernels
-from synth.raster import (
+from synth.fields import clip, fractal_1d, fractal_noise, smoothstep, upsample
+from synth.footprint import (
     blend,
-    clip,
-    fractal_1d,
-    fractal_noise,
     line_coverage,
     on_segment,
     radial_boundary,
     resample_polyline,
     restrict_dense,
     restrict_to_footprint,
-    smoothstep,
     stroke_pixels,
-    texture_linear,
-    upsample,
 )
+from synth.noise_banks import texture_linear
 
 DEFECT_KINDS: tuple[str, ...] = ("crack", "scratch", "pit", "stain", "chip")
 

@@ -32,7 +32,7 @@ def _bank_row(y, h, y0, flip):
 @_jit
 def pair_lookup(bank, ya, xa, fa, yb, xb, fb, table, out, mode):
     """out (mode)= table[A + B]: A, B the (H, W) windows of the uint8 `bank` at rows ya, yb and columns xa, xb,
-    their row order reversed where fa, fb; `table` float32 with 509 values (see `synth.raster.texture`)."""
+    their row order reversed where fa, fb; `table` float32 with 509 values (see `synth.noise_banks.texture`)."""
     h, w = out.shape
     for y in range(h):
         ra = bank[_bank_row(y, h, ya, fa), xa : xa + w]
@@ -134,7 +134,7 @@ def lit_rgb_const(lum, lat, k, cap, c0, c1, c2, out):
     """out[..., c] = clip(lum * gain, 0, cap) * (c0, c1, c2)[c]: a surface's RGB in one pass.
 
     gain = `expand_lattice(lat, k)` (the smooth field and the lighting on a lattice of every k-th pixel,
-    see `synth.raster.smooth_lattice`), or 1 when k == 0. `lum` is not changed.
+    see `synth.fields.smooth_lattice`), or 1 when k == 0. `lum` is not changed.
     """
     h, w = lum.shape
     rows, gain, v = _lit_buffers(lat, k, w)
@@ -251,7 +251,7 @@ def stroke_nearest(points, valid, reach, y0, y1, x0, x1):
 @_jit
 def restrict_near(ys, xs, alpha, ody, odx):
     """Zero, in place, the opacity of every faint pixel (0 < alpha < 0.5) of the pixel list (ys, xs) that has no
-    pixel with alpha >= 0.5 at any offset (ody[m], odx[m]) (a disk: see `synth.raster.restrict_to_footprint`)."""
+    pixel with alpha >= 0.5 at any offset (ody[m], odx[m]) (a disk: see `synth.footprint.restrict_to_footprint`)."""
     n = ys.shape[0]
     if n == 0:
         return

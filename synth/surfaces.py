@@ -15,24 +15,13 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from synth import kernels
-from synth.raster import (
-    add_noise_to_uint8,
-    bank_side,
-    check_lattice,
-    expand_lattice,
-    fractal_1d,
-    lattice_coords,
-    sensor_noise,
-    smooth_lattice,
-    smoothstep,
-    texture,
-    texture_linear,
-)
+from synth.fields import check_lattice, expand_lattice, fractal_1d, lattice_coords, smooth_lattice, smoothstep
+from synth.noise_banks import add_noise_to_uint8, bank_side, sensor_noise, texture, texture_linear
 
 SURFACE_KINDS: tuple[str, ...] = ("concrete", "asphalt", "metal", "ceramic", "painted", "woven")
 
 # Texture scales drawn from a continuous range are snapped to these (times the grain factor), so that the
-# fine textures can come from a few fixed noise banks (synth/raster.py); the snapped value is reported.
+# fine textures can come from a few fixed noise banks (synth/noise_banks.py); the snapped value is reported.
 _STONE_SIZES = (5.0, 5.9, 7.1, 8.4, 10.0)
 _PEEL_SIZES = (5.0, 6.0, 7.2, 8.6, 10.2, 12.0)
 _STREAK_LENGTHS = (40.0, 56.0, 80.0, 113.0, 160.0)

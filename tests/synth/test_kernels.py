@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from synth import kernels
-from synth.raster import Texture, _windows, expand_lattice, texture, texture_linear, window_views
+from synth.fields import expand_lattice
+from synth.noise_banks import Texture, _windows, texture, texture_linear, window_views
 
 
 def _bilinear(lat: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
@@ -80,7 +81,7 @@ def test_texture_lookup_on_both_paths_is_the_table_at_the_codes() -> None:
 
 
 def test_texture_linear_is_linear_in_the_window_sum_and_its_modes_combine() -> None:
-    from synth.raster import _Q, _bank
+    from synth.noise_banks import _Q, _bank
 
     base = texture_linear(60, 70, np.random.default_rng(5), "fractal", 3.0, 1.0, 0.5, scale=0.2, offset=1.0)
     bank, _, extra = _bank("fractal", 256, 3.0, 1.0, 0.5)
@@ -116,7 +117,7 @@ def test_woven_kernel_matches_the_numpy_weave() -> None:
 
 
 def test_restrict_to_footprint_zeros_exactly_the_faint_pixels_out_of_reach() -> None:
-    from synth.raster import restrict_to_footprint
+    from synth.footprint import restrict_to_footprint
 
     rng = np.random.default_rng(4)
     gy, gx = np.mgrid[:40, :50]
@@ -134,7 +135,7 @@ def test_restrict_to_footprint_zeros_exactly_the_faint_pixels_out_of_reach() -> 
 
 
 def test_blend_is_the_clipped_lerp_and_leaves_zero_alpha_untouched() -> None:
-    from synth.raster import blend
+    from synth.footprint import blend
 
     rng = np.random.default_rng(6)
     img = rng.uniform(0, 255, (20, 30, 3)).astype(np.float32)

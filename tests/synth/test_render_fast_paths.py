@@ -16,12 +16,8 @@ import pytest
 from defectforge.config import load_config
 from synth.compose import SynthConfig, render_sample
 from synth.defects import DEFECT_KINDS, draw_defect
-from synth.raster import (
-    add_noise_to_uint8,
-    radial_boundary,
-    sensor_noise,
-    stroke_pixels,
-)
+from synth.footprint import radial_boundary, stroke_pixels
+from synth.noise_banks import add_noise_to_uint8, sensor_noise
 from synth.surfaces import SURFACE_KINDS, draw_imaging, make_surface
 
 REPO = Path(__file__).resolve().parents[2]
