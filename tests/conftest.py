@@ -14,6 +14,9 @@ CRACKFOREST = REPO.parent / "shared" / "data" / "crackforest"
 
 @pytest.fixture
 def crackforest() -> Path:
-    if not (CRACKFOREST / "split.json").is_file():
-        pytest.skip(f"real data not found at {CRACKFOREST} (see DESIGN.md: ../shared/data/crackforest)")
+    """The real CrackForest folder (images/, masks/, split.json); the test is skipped, saying so, without it."""
+    missing = [name for name in ("images", "masks", "split.json") if not (CRACKFOREST / name).exists()]
+    if missing:
+        pytest.skip(f"real data absent: {CRACKFOREST} lacks {', '.join(missing)} "
+                    "(tests that need it expect ../shared/data/crackforest next to the repository)")
     return CRACKFOREST

@@ -20,7 +20,6 @@ from synth.importer import import_folder
 from tests.synth.helpers import make_shards
 
 REPO = Path(__file__).resolve().parents[2]
-CRACKFOREST = REPO.parent / "shared" / "data" / "crackforest"
 CLASSES = ["background", "crack", "pit"]
 SMALL_VIT = {"embed_dim": 48, "num_heads": 2}
 FAST = {"crop_size": 64, "batch_size": 2, "max_steps": 3, "warmup_steps": 1, "val_every": 3, "checkpoint_every": 3,
@@ -161,10 +160,9 @@ def test_segmentation_metrics_match_hand_computed_values():
     assert r["F1_best"] == pytest.approx(0.8) and r["best_threshold"] == pytest.approx(0.2)
 
 
-@pytest.mark.skipif(not CRACKFOREST.is_dir(), reason=f"{CRACKFOREST} is absent")
-def test_a_short_crackforest_run_finds_the_cracks(tmp_path):
+def test_a_short_crackforest_run_finds_the_cracks(tmp_path, crackforest):
     shards = tmp_path / "cf"
-    import_folder(CRACKFOREST / "images", CRACKFOREST / "masks", shards, split_file=CRACKFOREST / "split.json",
+    import_folder(crackforest / "images", crackforest / "masks", shards, split_file=crackforest / "split.json",
                   classes=["crack"], name="crackforest", val_ratio=0.15, seed=0, shard_size=32, mask_mode="index",
                   overwrite=False)
     cfg = config(model="resnet18", architecture="Unet", crop_size=128, batch_size=8, max_steps=40, lr=1e-3,

@@ -15,7 +15,6 @@ from PIL import Image
 from defectforge.shards import decode_raw, iter_raw_samples, read_info
 from synth.importer import ImportFailed, find_defects, import_folder
 
-CRACKFOREST = Path(__file__).resolve().parents[3] / "shared" / "data" / "crackforest"
 H, W = 53, 37  # odd sizes catch any width/height swap
 
 
@@ -289,17 +288,16 @@ def test_existing_output_needs_overwrite_and_survives_failure(tmp_path):
     assert not list(tmp_path.glob("out.*"))
 
 
-@pytest.mark.skipif(not CRACKFOREST.is_dir(), reason=f"CrackForest data not found at {CRACKFOREST}")
-def test_crackforest(tmp_path):
+def test_crackforest(tmp_path, crackforest):
     out = tmp_path / "cfd"
-    info = import_folder(CRACKFOREST / "images", CRACKFOREST / "masks", out,
-                         split_file=CRACKFOREST / "split.json", classes=["crack"], name="crackforest")
+    info = import_folder(crackforest / "images", crackforest / "masks", out,
+                         split_file=crackforest / "split.json", classes=["crack"], name="crackforest")
     assert {s: v["num_samples"] for s, v in info["splits"].items()} == {"train": 70, "test": 48}
     assert info["classes"] == ["background", "crack"] and info["source"] == "real:crackforest"
     samples = read_all(out)
     assert len(samples) == 118
     for key, entry in samples.items():
         raw = entry["raw"]
-        assert raw["jpg"] == (CRACKFOREST / "images" / f"{key}.jpg").read_bytes()
+        assert raw["jpg"] == (crackforest / "images" / f"{key}.jpg").read_bytes()
         mask = np.asarray(Image.open(io.BytesIO(raw["mask.png"])))
         assert mask.shape == (320, 480) and set(np.unique(mask).tolist()) <= {0, 1}
