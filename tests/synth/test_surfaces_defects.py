@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from synth.defects import DEFECT_KINDS, draw_defect
 from synth.surfaces import SURFACE_KINDS, apply_imaging, crop_background, make_surface
@@ -57,9 +57,53 @@ def test_surface_deterministic_and_seed_dependent(kind: str) -> None:
     assert not np.array_equal(a, c)
 
 
-def test_surface_large_is_valid() -> None:
-    img, _ = make_surface("concrete", 1024, 1536, np.random.default_rng(0))
-    _check_image(img, 1024, 1536)
+def _detail(img: np.ndarray) -> np.ndarray:
+    """Luminance minus its 9 px local mean: the fine texture, without the smooth mottling and shading."""
+    lum = img.mean(axis=2, dtype=np.float64)
+    return lum - ndimage.uniform_filter(lum, 9)
+
+
+def _best_match(detail: np.ndarray, y: int, x: int, side: int, region: tuple[int, int, int, int]) -> float:
+    """Highest normalised correlation of the block detail[y:y+side, x:x+side] with any same-size window of
+    `region` (y0, y1, x0, x1): about 1 where the block is repeated there, small for independent texture."""
+    block = detail[y : y + side, x : x + side]
+    block = (block - block.mean()) / np.linalg.norm(block - block.mean())
+    y0, y1, x0, x1 = region
+    area = detail[y0:y1, x0:x1]
+    ones = np.ones((side, side))
+    total, squares = signal.fftconvolve(area, ones, "valid"), signal.fftconvolve(area * area, ones, "valid")
+    spread = np.sqrt(np.maximum(squares - total * total / side**2, 1e-9))
+    return float((signal.fftconvolve(area, block[::-1, ::-1], "valid") / spread).max())
+
+
+# 1024x1536 is synthesised at full size, 1200x1200 drawn from the largest noise banks (synth/noise_banks.py)
+@pytest.mark.parametrize("size", [(1024, 1536), (1200, 1200)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", SURFACE_KINDS)
+def test_large_surface_does_not_repeat_and_is_textured_everywhere(kind: str, size: tuple[int, int]) -> None:
+    h, w = size
+    img, params = make_surface(kind, h, w, np.random.default_rng(0))
+    _check_image(img, h, w)
+    again, params_again = make_surface(kind, h, w, np.random.default_rng(0))
+    np.testing.assert_array_equal(img, again)
+    assert params == params_again
+    other, _ = make_surface(kind, h, w, np.random.default_rng(1))
+    assert np.abs(img - other).mean() > 1.0, "another seed should give another surface"
+
+    # texture in every 128 px block, and no block far brighter or darker than the surface as a whole
+    lum = img.mean(axis=2)
+    blocks = lum[: h // 128 * 128, : w // 128 * 128].reshape(h // 128, 128, w // 128, 128)
+    assert blocks.std(axis=(1, 3)).min() > 0.5, "a flat block"
+    assert np.abs(blocks.mean(axis=(1, 3)) / lum.mean() - 1.0).max() < 0.35
+
+    # not a tiling of a smaller patch: the corner blocks are found nowhere in the opposite quarter
+    detail, side = _detail(img), 96
+    tiled = np.tile(img[:256, :384], (h // 256 + 1, w // 384 + 1, 1))[:h, :w]
+    assert _best_match(_detail(tiled), 0, 0, side, (h // 2, h, w // 2, w)) > 0.9  # the check sees a repeat
+    if kind == "woven":
+        return  # a weave repeats by design
+    # measured: at most 0.30, and 0.46 for brushed metal (its streaks are long and alike)
+    assert _best_match(detail, 0, 0, side, (h // 2, h, w // 2, w)) < 0.6
+    assert _best_match(detail, h - side, 0, side, (0, h // 2, w // 2, w)) < 0.6
 
 
 def test_unknown_surface_kind_names_it() -> None:
