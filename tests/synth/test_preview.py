@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from defectforge.shards import encode_sample, shard_name, write_info, write_shard
+from defectforge.tracking import class_colors
 from synth.importer import import_folder
-from synth.preview import _pick, _thumbnail, format_stats, preview, stats
+from synth.preview import MAX_PNG_BYTES, THUMB_SIDE, _pick, _thumbnail, format_stats, preview, stats
 
 
 @pytest.fixture(scope="module")
@@ -92,24 +95,60 @@ def test_stats_on_generator_folder(generated):
     assert "crack" in format_stats(d)
 
 
+def _sheet_size(samples: int, height: int, width: int) -> tuple[int, int]:
+    """(width, height) of a contact sheet of `samples` images of height x width: up to 4 samples a row, each an
+    image panel and an overlay panel THUMB_SIDE px wide, a row as tall as a panel plus its 40 px title, and 70 px
+    for the sheet's title and legend."""
+    per_row = min(4, math.ceil(math.sqrt(samples)))
+    rows = math.ceil(samples / per_row)
+    return 2 * per_row * THUMB_SIDE, round(rows * (THUMB_SIDE * height / width + 40) + 70)
+
+
 def test_preview_writes_a_contact_sheet(tiny, tmp_path):
     out = preview(tiny, tmp_path / "sheet.png", num=4, seed=1)
     assert out == tmp_path / "sheet.png" and not list(tmp_path.glob("*.tmp*"))
     with Image.open(out) as img:
-        width, height = img.size
+        size = img.size
         pixels = np.asarray(img.convert("RGB"))
-    # 3 train samples -> 2 per row, image + overlay each: 4 panels of 240 px
-    assert width == 960 and 400 < height < 900
-    assert 10_000 < out.stat().st_size < 3 * 1024 * 1024
+    assert size == _sheet_size(3, 48, 64) == (960, 510)  # the 3 train samples, 2 a row
+    assert 10_000 < out.stat().st_size < MAX_PNG_BYTES
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000, "the sheet should show the images"
     preview(tiny, tmp_path / "val.png", split="val", num=16)
     with Image.open(tmp_path / "val.png") as img:
-        assert img.size[0] == 480  # one sample: one image panel and one overlay panel
+        assert img.size == _sheet_size(1, 40, 32) == (480, 410)  # one sample: an image and an overlay panel
 
 
-def test_preview_generator_folder(generated, tmp_path):
-    preview(generated, tmp_path / "gen.png", num=2)
-    assert (tmp_path / "gen.png").stat().st_size > 5_000
+def _shown_image(panel: np.ndarray, grey: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the largest flat `grey` area of a panel: where a uniform image is drawn."""
+    labels, _ = ndimage.label((panel == grey).all(axis=2))
+    largest = np.bincount(labels.ravel())[1:].argmax() + 1
+    ys, xs = np.nonzero(labels == largest)
+    return ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+
+
+def test_preview_overlays_the_class_colour_on_the_defects(generated, tmp_path):
+    """Uniform grey images, crack at rows 4:6, columns 4+i:10+i of 32x48: the overlay panel shows the crack's
+    palette colour (55% over the grey) on exactly that box, the image panel nowhere."""
+    info = json.loads((generated / "_info.json").read_text())
+    shown = sorted(_pick(info, "train", 2, seed=0))
+    with Image.open(preview(generated, tmp_path / "gen.png", num=2)) as img:
+        sheet = np.asarray(img.convert("RGB")).astype(np.float64)
+    assert sheet.shape[1::-1] == _sheet_size(2, 32, 48) == (960, 270)
+    overlay = 0.55 * np.array(class_colors(["background", "crack"])[1]) * 255 + 0.45 * 120
+    for slot in range(4):
+        panel = sheet[:, slot * THUMB_SIDE : (slot + 1) * THUMB_SIDE]
+        coloured = np.abs(panel - overlay).max(axis=2) <= 3
+        if slot % 2 == 0:
+            assert not coloured.any(), f"panel {slot} shows the image alone"
+            continue
+        i = shown[slot // 2]
+        y0, y1, x0, x1 = _shown_image(panel, 120)
+        sy, sx = (y1 - y0) / 32, (x1 - x0) / 48
+        expected = np.array([y0 + 4 * sy, y0 + 6 * sy, x0 + (4 + i) * sx, x0 + (10 + i) * sx])
+        ys, xs = np.nonzero(coloured)
+        found = np.array([ys.min(), ys.max() + 1, xs.min(), xs.max() + 1])
+        assert np.abs(found - expected).max() <= 1.5, (slot, found, expected)
+        assert coloured.sum() > 0.6 * (expected[1] - expected[0]) * (expected[3] - expected[2])
 
 
 def test_preview_rejects_unknown_split(tiny, tmp_path):
