@@ -29,7 +29,7 @@ from common import emit, median_seconds
 
 from defectforge.config import load_config
 from synth.compose import SynthConfig, render_sample
-from synth.diffusion import Diffuser, _pad_to, build_unet, dilate, save_pipeline, training_scheduler, windows
+from synth.diffusion import Diffuser, build_unet, dilate, pad_to, save_pipeline, training_scheduler, windows
 from synth.train_diffusion import DiffusionTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def bare_seconds(diffuser: Diffuser, shapes: list[tuple[int, int]], calls: int, 
     label = torch.tensor([1], device=diffuser.device)
     tensors = []
     for h, w in shapes:
-        x, _, _ = _pad_to(torch.zeros(1, 7, h, w), diffuser.multiple)
+        x, _, _ = pad_to(torch.zeros(1, 7, h, w), diffuser.multiple)
         tensors.append(x.to(diffuser.device))
     t = torch.tensor(500, device=diffuser.device)
 
@@ -74,7 +74,7 @@ def warm(diffuser: Diffuser, shapes: list[tuple[int, int]]) -> None:
     """One UNet forward per distinct window shape (first-call allocations), instead of a whole warm-up run."""
     label = torch.tensor([1], device=diffuser.device)
     for h, w in sorted(set(shapes)):
-        x, _, _ = _pad_to(torch.zeros(1, 7, h, w), diffuser.multiple)
+        x, _, _ = pad_to(torch.zeros(1, 7, h, w), diffuser.multiple)
         diffuser.pipe.unet(x.to(diffuser.device), 500, class_labels=label)
 
 

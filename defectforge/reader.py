@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.filters import _shuffle
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from .shards import IMAGE_EXTS, INFO_NAME, ShardError, read_info
@@ -233,7 +232,7 @@ def _take_share(total: int):
 def _seeded_shuffle(bufsize: int, seed: int):
     def stage(src: Iterator[dict]) -> Iterator[dict]:
         rank, _, worker, _ = pytorch_worker_info()
-        return _shuffle(src, bufsize=bufsize, initial=min(bufsize, 64), seed=make_seed(seed, rank, worker))
+        return wds.shuffle(bufsize, initial=min(bufsize, 64), seed=make_seed(seed, rank, worker))(src)
     return stage
 
 

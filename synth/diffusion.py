@@ -220,7 +220,9 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return (t[0, 0] > 0).numpy()
 
 
-def _pad_to(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
+def pad_to(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
+    """`x` (..., H, W) padded at the bottom and right, repeating the edge, to multiples of `multiple`,
+    and the original H, W to crop the output back to."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
@@ -340,8 +342,8 @@ class Diffuser:
                     strength: float) -> np.ndarray:
         x = torch.from_numpy(tile).permute(2, 0, 1)[None].float() / 127.5 - 1
         r = torch.from_numpy(region.astype(np.float32))[None, None]
-        x, h, w = _pad_to(x, self.multiple)
-        r, _, _ = _pad_to(r, self.multiple)
+        x, h, w = pad_to(x, self.multiple)
+        r, _, _ = pad_to(r, self.multiple)
         y = self.pipe(x, r, label, steps=self.cfg.steps, strength=strength, generator=generator,
                       scheduler=self.scheduler)
         y = ((y[0, :, :h, :w].float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
