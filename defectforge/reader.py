@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import logging
 import random
 import subprocess
@@ -34,24 +33,25 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import make_seed, pytorch_worker_info
 
-from .shards import IMAGE_EXTS, INFO_NAME, ShardError, read_info
+from .shards import IMAGE_EXTS, INFO_NAME, ShardError, parse_info, read_folder_info
 
 log = logging.getLogger(__name__)
 
 
-def load_info(location: str | Path) -> dict:
-    """`_info.json` of a local folder, a local file, an https URL or a `pipe:` command."""
+def read_location_info(location: str | Path) -> dict:
+    """The checked `_info.json` at any location: a local shard folder or `_info.json` file (both read by
+    `shards.read_folder_info`), an https URL, or a `pipe:` command that prints it."""
     loc = str(location)
     if loc.startswith("pipe:"):
         out = subprocess.run(loc[5:], shell=True, check=False, capture_output=True)
         if out.returncode != 0:
             raise ShardError(f"'{loc}' failed ({out.returncode}): {out.stderr.decode(errors='replace')[:500]}")
-        return json.loads(out.stdout)
+        return parse_info(out.stdout, loc)
     if loc.startswith(("http://", "https://")):
         with urllib.request.urlopen(loc, timeout=60) as resp:  # noqa: S310 - the user names the location
-            return json.loads(resp.read())
+            return parse_info(resp.read(), loc)
     path = Path(loc)
-    return read_info(path.parent if path.name == INFO_NAME else path)
+    return read_folder_info(path.parent if path.name == INFO_NAME else path)
 
 
 def resolve_shards(location: str | Path | list[str], split: str | None = None) -> tuple[list[str], dict | None]:
@@ -87,7 +87,7 @@ def resolve_shards(location: str | Path | list[str], split: str | None = None) -
         if not urls:
             raise ShardError(f"shard location '{loc}' expands to no shard")
         return urls, None
-    info = load_info(loc)
+    info = read_location_info(loc)
     splits = info["splits"]
     split = split or next(iter(splits))
     if split not in splits:

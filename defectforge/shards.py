@@ -176,26 +176,33 @@ def write_info(out_dir: str | Path, name: str, splits: dict[str, list[ShardRecor
     return info
 
 
-def read_info(folder: str | Path) -> dict:
-    """Read and check a shard folder's `_info.json`."""
+def parse_info(data: str | bytes, where: str) -> dict:
+    """The content of the `_info.json` read from `where`, checked: valid JSON with `splits`, and `classes`
+    starting with `background`; otherwise a `ShardError` naming `where` and what is wrong."""
+    try:
+        info = json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ShardError(f"'{where}' is not valid JSON: {err}") from None
+    for key in ("splits", "classes"):
+        if key not in info:
+            raise ShardError(f"'{where}' has no '{key}' entry")
+    if not info["classes"] or info["classes"][0] != "background":
+        raise ShardError(f"'{where}': classes must start with 'background', found {info['classes'][:1]}")
+    return info
+
+
+def read_folder_info(folder: str | Path) -> dict:
+    """The checked `_info.json` of a local shard folder (for any location, remote ones included, see
+    `defectforge.reader.read_location_info`)."""
     path = Path(folder) / INFO_NAME
     if not path.is_file():
         raise ShardError(f"'{folder}' is not a shard folder: {INFO_NAME} is missing")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ShardError(f"'{path}' is not valid JSON: {err}") from None
-    for key in ("splits", "classes"):
-        if key not in info:
-            raise ShardError(f"'{path}' has no '{key}' entry")
-    if not info["classes"] or info["classes"][0] != "background":
-        raise ShardError(f"'{path}': classes must start with 'background', found {info['classes'][:1]}")
-    return info
+    return parse_info(path.read_bytes(), str(path))
 
 
 def split_files(folder: str | Path, split: str, info: dict | None = None) -> list[Path]:
     """The shard paths of one split of a local shard folder."""
-    info = info or read_info(folder)
+    info = info or read_folder_info(folder)
     if split not in info["splits"]:
         raise ShardError(f"split '{split}' not found in '{folder}'; it has: {', '.join(info['splits'])}")
     return [Path(folder) / f for f in info["splits"][split]["filenames"]]

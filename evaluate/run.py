@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from defectforge.reader import load_info, make_dataset
+from defectforge.reader import make_dataset, read_location_info
 from finetune.models import load_segmenter
 from pretrain.models import model_family
 
@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
 
 def eval_split(location: str, requested: str | None) -> str:
     """The split to evaluate: the requested one, else test, else val, else the last one listed."""
-    splits = list(load_info(location)["splits"])
+    splits = list(read_location_info(location)["splits"])
     if requested is not None:
         if requested not in splits:
             raise ValueError(f"{location} has no split {requested!r}; it has {', '.join(splits)}")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_info, split_files
+from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_folder_info, split_files
 from defectforge.tracking import class_colors
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def preview(folder: str | Path, out_png: str | Path, split: str | None = None, n
 
     if num < 1:
         raise ValueError(f"num {num} is out of range; expected an integer >= 1")
-    info = read_info(folder)
+    info = read_folder_info(folder)
     split = split or next(iter(info["splits"]), None)
     if split is None:
         raise ShardError(f"'{folder}' has no split")
@@ -172,7 +172,7 @@ def _distribution(areas: list[int]) -> dict:
 
 def stats(folder: str | Path) -> dict:
     """Counts per split and class, defect areas and image sizes, from the `json` members only."""
-    info = read_info(folder)
+    info = read_folder_info(folder)
     classes = list(info["classes"])
     areas: dict[str, list[int]] = defaultdict(list)
     result: dict = {"name": info.get("name"), "source": info.get("source"), "classes": classes, "splits": {}}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from defectforge.config import ConfigError
-from defectforge.shards import decode_raw, iter_raw_samples, read_info, sha256_file
+from defectforge.shards import decode_raw, iter_raw_samples, read_folder_info, sha256_file
 from synth import generate as generate_mod
 from synth.compose import render_sample
 from synth.generate import plan_shards
@@ -25,7 +25,7 @@ def tar_names(path):
 
 
 def all_samples(folder):
-    info = read_info(folder)
+    info = read_folder_info(folder)
     for split, entry in info["splits"].items():
         for name in entry["filenames"]:
             for raw in iter_raw_samples(Path(folder) / name):
@@ -154,7 +154,7 @@ def test_cli_generate_and_bad_override(tmp_path):
            "--out", str(tmp_path / "ds"), "--no-progress", "num_samples=6", "image_size=64", "workers=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    splits = read_info(tmp_path / "ds")["splits"]
+    splits = read_folder_info(tmp_path / "ds")["splits"]
     assert (splits["train"]["num_samples"], splits["val"]["num_samples"]) == (4, 2)  # val_ratio 0.25 of 6
     bad = subprocess.run(cmd[:-3] + ["num_sampels=6"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "unknown key 'num_sampels'" in bad.stderr
@@ -170,5 +170,5 @@ def test_accelerate_two_processes_write_the_single_process_output(tmp_path):
            "--no-progress", "num_samples=14", "shard_size=3", "image_size=64", "workers=1", "val_ratio=0.2"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    multi = read_info(tmp_path / "multi")
+    multi = read_folder_info(tmp_path / "multi")
     assert multi["splits"] == single["splits"]

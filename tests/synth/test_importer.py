@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectforge.shards import decode_raw, iter_raw_samples, read_info
+from defectforge.shards import decode_raw, iter_raw_samples, read_folder_info
 from synth.importer import ImportFailed, find_defects, import_folder
 
 H, W = 53, 37  # odd sizes catch any width/height swap
@@ -67,7 +67,7 @@ def make_folder(root: Path) -> dict:
 
 
 def read_all(out: Path) -> dict[str, dict]:
-    info = read_info(out)
+    info = read_folder_info(out)
     samples = {}
     for split, entry in info["splits"].items():
         for name in entry["filenames"]:

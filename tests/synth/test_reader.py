@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectforge.reader import make_dataset, resolve_shards
-from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_info
+from defectforge.reader import make_dataset, read_location_info, resolve_shards
+from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_folder_info
 
 from .helpers import make_shards
 
@@ -86,15 +86,29 @@ def test_locations_folder_info_file_pipe_and_brace_pattern(shards):
     pattern = str(shards / "train-{000000..000004}.tar")
     with pytest.raises(ShardError, match="pass classes"):
         make_dataset(pattern)
-    assert len(keys_of(make_dataset(pattern, classes=read_info(shards)["classes"]))) == 14
+    assert len(keys_of(make_dataset(pattern, classes=read_folder_info(shards)["classes"]))) == 14
     with pytest.raises(ShardError, match="split 'val' not found"):
         make_dataset(shards, "val")
+
+
+def test_a_remote_info_is_checked_like_a_local_one(shards, tmp_path):
+    info = read_folder_info(shards)
+    assert read_location_info(shards) == read_location_info(shards / "_info.json") == info
+    assert read_location_info(f"pipe:cat {shards}/_info.json") == info
+    for name, content, error in [("bad.json", "{not json", "is not valid JSON"),
+                                 ("nosplits.json", json.dumps({"classes": ["background"]}), "no 'splits' entry"),
+                                 ("order.json", json.dumps({**info, "classes": ["crack", "background"]}),
+                                  "must start with 'background'")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ShardError, match=error) as err:
+            read_location_info(f"pipe:cat {tmp_path / name}")
+        assert f"pipe:cat {tmp_path / name}" in str(err.value)  # the location is named
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(shards, tmp_path, caplog):
     bad = tmp_path / "bad"
     bad.mkdir()
-    info = read_info(shards)
+    info = read_folder_info(shards)
     names = info["splits"]["train"]["filenames"][:2]
     with tarfile.open(shards / names[0]) as src, tarfile.open(bad / names[0], "w") as dst:
         for member in src:
@@ -150,7 +164,7 @@ def test_training_stream_with_more_readers_than_shards_deals_samples(shards, mon
 def test_training_stream_fails_instead_of_spinning_when_no_shard_is_readable(shards, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
-    info = read_info(shards)
+    info = read_folder_info(shards)
     (bad / "train-000000.tar").write_bytes(b"not a tar file")
     info["splits"] = {"train": {**info["splits"]["train"], "filenames": ["train-000000.tar"]}}
     (bad / "_info.json").write_text(json.dumps(info))
