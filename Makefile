@@ -23,7 +23,7 @@ test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check defectforge synth pretrain finetune evaluate tests bench
+	$(BIN)/ruff check defectforge synth pretrain finetune evaluate study tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"

@@ -8,6 +8,7 @@ of a project package is checked against the order `defectforge` (shared, imports
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,13 @@ def modules() -> list[Path]:
 def test_every_package_of_the_order_exists():
     missing = [pkg for pkg in ORDER if not (REPO / pkg / "__init__.py").is_file()]
     assert not missing, f"packages named in the layout order but absent: {missing}"
+
+
+def test_every_package_is_installed_and_linted():
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert [pkg for pkg in ORDER if f"{pkg}*" not in include] == [], "missing from a non-editable install"
+    lint = next(line.split() for line in (REPO / "Makefile").read_text().splitlines() if "ruff check" in line)
+    assert [pkg for pkg in ORDER if pkg not in lint] == [], "missing from `make lint`"
 
 
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(REPO)))
