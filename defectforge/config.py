@@ -16,6 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .files import write_atomic
+
 T = TypeVar("T")
 
 
@@ -132,9 +134,7 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config next to a run's outputs (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def section(config: Any, schema: type[T]) -> T:

@@ -13,6 +13,7 @@ model, optimizer, schedule, step and every process's RNG.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from defectforge.config import ConfigError, save_config, to_dict
 
+from .files import write_atomic
 from .tracking import MetricsLog, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -226,9 +228,9 @@ class Run:
         if not self.accelerator.is_main_process:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.png")
-        Image.fromarray(grid).save(tmp)
-        tmp.replace(path)
+        png = io.BytesIO()
+        Image.fromarray(grid).save(png, format="PNG")
+        write_atomic(path, png.getvalue())
         if self.accelerator.trackers:
             import wandb
 

@@ -21,10 +21,10 @@ import webdataset as wds
 from PIL import Image
 
 from . import __version__
+from .files import TMP_SUFFIX, write_atomic
 
 INFO_NAME = "_info.json"
 IMAGE_EXTS = ("jpg", "png")
-TMP_SUFFIX = ".tmp"
 
 
 class ShardError(ValueError):
@@ -170,9 +170,7 @@ def write_info(out_dir: str | Path, name: str, splits: dict[str, list[ShardRecor
     }
     if extra:
         info.update(extra)
-    tmp = out_dir / (INFO_NAME + TMP_SUFFIX)
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(out_dir / INFO_NAME)
+    write_atomic(out_dir / INFO_NAME, json.dumps(info, indent=2) + "\n")
     return info
 
 

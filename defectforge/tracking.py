@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from .files import write_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per line to RUN/metrics.jsonl (flushed per line, main process only)."""
@@ -21,9 +23,7 @@ class MetricsLog:
             # lines written after the checkpoint we resume from describe steps that will be run again
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
 

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from defectforge.files import write_atomic
+
 logger = logging.getLogger(__name__)
 
 # Only names that are not timm models themselves, so an alias never hides a real architecture
@@ -351,9 +353,7 @@ def save_model(model: nn.Module, run_dir: str | Path, model_config: dict) -> Non
     tmp = run_dir / (WEIGHTS_FILE + ".tmp")
     safetensors.torch.save_model(model, str(tmp), metadata={"format": "pt"}, force_contiguous=True)
     os.replace(tmp, run_dir / WEIGHTS_FILE)  # same folder, so atomic: never a half file under the final name
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    write_atomic(run_dir / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
     logger.info("saved %s to %s", config.get("model"), run_dir)
 
 

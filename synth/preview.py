@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import math
-import os
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from defectforge.files import write_atomic
 from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_folder_info, split_files
 from defectforge.tracking import class_colors
 
@@ -145,14 +145,7 @@ def _write_png(data: bytes, out_png: Path) -> Path:
         img.save(out, format="PNG", optimize=True)
         data = out.getvalue()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f"{out_png.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        tmp.replace(out_png)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_png
+    return write_atomic(out_png, data)
 
 
 def _iter_meta(path: Path) -> Iterator[dict]:
