@@ -1,4 +1,5 @@
-"""The command line shared by `python -m pretrain` and `python -m finetune` (one config, shards, a run folder)."""
+"""The command line of the training commands (`python -m pretrain`, `python -m finetune`,
+`python -m synth train-diffusion`): one config, shards, a run folder."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The Accelerate training loop shared by pretrain and finetune: run folder, checkpoints, exact resume, logging.
+"""The Accelerate training loop under `defectforge.training.run_task`: run folder, checkpoints, exact resume, logging.
 
-A stage supplies its model, optimizer, schedule, a loader factory and a micro-step; `fit` runs the steps.
-The config object needs these keys (both `PretrainConfig` and `FinetuneConfig` have them): `name`,
+`run_task` (pretrain, finetune, synth train-diffusion) supplies the model, optimizer, schedule, a loader factory
+and a micro-step; `Run.fit` runs the steps. The config object needs these keys (the `TrainingKeys` of
+defectforge/training.py plus each config's `name`): `name`,
 `batch_size`, `grad_accum`, `max_steps`, `stop_after`, `lr`, `min_lr`, `warmup_steps`, `clip_grad`,
 `mixed_precision`, `log_every`, `val_every`, `checkpoint_every`, `keep_checkpoints`, `resume`, `study`, `seed`,
 `trace_samples`, `wandb`, `wandb_project`.
