@@ -30,8 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from defectforge.config import load_config
 from finetune.config import FinetuneConfig
-from finetune.models import build_segmenter
-from finetune.train import SegLoss
+from pretrain.segmenter import SegLoss, build_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "finetune"

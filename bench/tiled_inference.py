@@ -27,7 +27,7 @@ from defectforge.config import load_config
 from evaluate.cost import InferenceTimer
 from evaluate.tiling import tile_grid, tiled_logits
 from finetune.config import FinetuneConfig
-from finetune.models import build_segmenter
+from pretrain.segmenter import build_segmenter
 from synth.compose import SynthConfig, render_sample
 
 REPO = Path(__file__).resolve().parents[1]

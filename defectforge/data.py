@@ -30,10 +30,17 @@ class SquareCrop:
     An image smaller than `size` on a side is first resized (bilinear, mask nearest) so its shorter side is
     `size`; larger images are cropped at full resolution, so thin defects keep their pixels. The labels are
     recomputed from the cropped mask: a defect cropped away is absent.
+
+    `defect_crop` (training only): the probability that a crop is placed on a defect instead of uniformly.
+    One of the defect classes present in the image is drawn uniformly (so a rare class is as likely as a
+    common one of the same image), then one of its pixels, and the crop is placed so that this pixel falls
+    at a uniformly drawn position inside it. Small defects on large images are otherwise seen in a fraction
+    of the crops only: a 2 % defect area in 1/4-image crops leaves most crops all background.
     """
 
-    def __init__(self, size: int, num_classes: int, seed: int | None):
+    def __init__(self, size: int, num_classes: int, seed: int | None, defect_crop: float = 0.0):
         self.size, self.num_classes, self.seed = size, num_classes, seed
+        self.defect_crop = defect_crop
         self._rng: np.random.Generator | None = None
 
     def _generator(self) -> np.random.Generator:
@@ -55,12 +62,26 @@ class SquareCrop:
             mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].to(mask.dtype)
         # validation: a crop fixed by the sample key (not the centre, which would never show an edge chip)
         rng = self._generator() if self.seed is not None else np.random.default_rng(zlib.crc32(sample["key"].encode()))
-        y0, x0 = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+        y0, x0 = self._origin(rng, mask, h, w)
         image = image[:, y0:y0 + self.size, x0:x0 + self.size].contiguous()
         mask = mask[y0:y0 + self.size, x0:x0 + self.size].contiguous()
         present = np.bincount(mask.numpy().ravel(), minlength=self.num_classes + 1)[1:] > 0  # numpy: cheap per sample
         return {"image": image, "mask": mask, "labels": torch.from_numpy(present.astype(np.float32)),
                 "key": sample["key"]}
+
+    def _origin(self, rng: np.random.Generator, mask: torch.Tensor, h: int, w: int) -> tuple[int, int]:
+        """Top-left corner of the crop: on a defect with probability `defect_crop` (when there is one)."""
+        size = self.size
+        if self.defect_crop > 0 and self.seed is not None and rng.random() < self.defect_crop:
+            m = mask.numpy()
+            classes = np.flatnonzero(np.bincount(m.ravel(), minlength=2)[1:]) + 1
+            if classes.size:
+                ys, xs = np.nonzero(m == classes[rng.integers(classes.size)])
+                i = rng.integers(ys.size)
+                y0 = int(ys[i]) - int(rng.integers(0, size))
+                x0 = int(xs[i]) - int(rng.integers(0, size))
+                return min(max(y0, 0), h - size), min(max(x0, 0), w - size)
+        return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
 def epoch_batches(steps: int, grad_accum: int) -> int:
@@ -70,13 +91,14 @@ def epoch_batches(steps: int, grad_accum: int) -> int:
 
 def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, batches: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None,
-                 keys: list[str] | None = None) -> DataLoader:
+                 keys: list[str] | None = None, defect_crop: float = 0.0) -> DataLoader:
     """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
 
     Its images and masks are uint8 (`make_dataset(compact=True)`): move them with `to_device`.
 
     Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
-    per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset.
+    per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset;
+    `defect_crop` is the share of crops placed on a defect (`SquareCrop`).
     """
     readers = max(1, num_workers)
     per_reader = math.ceil(batches / readers)
@@ -84,7 +106,8 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     probe = make_dataset(shards, split, classes=classes)  # resolves classes (and fails early on a bad location)
     dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
                            shuffle=shuffle_buffer, seed=s, classes=probe.classes,
-                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s), keys=keys, compact=True)
+                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s, defect_crop=defect_crop),
+                           keys=keys, compact=True)
     generator = torch.Generator().manual_seed(s)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
                       collate_fn=collate, drop_last=False, persistent_workers=False,

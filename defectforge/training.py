@@ -45,6 +45,8 @@ def validate_training_keys(cfg) -> None:
     require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
     require(isinstance(cfg.crop_size, int) and 16 <= cfg.crop_size <= 4096, "crop_size", cfg.crop_size,
             "an integer between 16 and 4096")
+    require(isinstance(cfg.defect_crop, int | float) and 0 <= cfg.defect_crop <= 1, "defect_crop", cfg.defect_crop,
+            "a probability in [0, 1]")
     require(0 < cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in (0, 1)")
     require(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume,
             "null, 'latest' or a checkpoint folder")
@@ -59,6 +61,7 @@ class TrainingKeys(AugmentConfig):
     differ for its task."""
 
     crop_size: int = 224  # side of the square training crops the loader cuts (and the augmentation returns)
+    defect_crop: float = 0.0  # share of the training crops placed on a defect pixel (defectforge/data.py)
     # optimisation (defectforge/loop.py)
     batch_size: int = 32  # per process
     grad_accum: int = 1

@@ -1,6 +1,6 @@
 """Evaluation metrics over a dataset of full-size predictions.
 
-- per class: IoU, Dice/F1, precision, recall (argmax prediction; confusion matrix from `finetune.metrics`);
+- per class: IoU, Dice/F1, precision, recall (argmax prediction; confusion matrix from `pretrain.metrics`);
 - "defect vs background" with the defect probability `1 - p(background)`, at thresholds `k / thresholds`:
   ODS (best F1 with one threshold for the dataset) and OIS (best threshold per image, averaged), with a pixel
   tolerance as crack papers use (a predicted pixel within `tolerance` px of a true one counts as correct, and
@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.metrics import SegMetrics
-from pretrain.metrics import average_precision
+from pretrain.metrics import SegMetrics, average_precision
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -119,7 +118,7 @@ def seam_summary(counts: torch.Tensor) -> tuple[float | None, float | None, floa
 
 
 def miou_from_confusion(confusion: np.ndarray) -> np.ndarray:
-    """mIoU of confusion matrices (..., C, C) as `finetune.metrics.SegMetrics` computes it: the mean IoU over
+    """mIoU of confusion matrices (..., C, C) as `pretrain.metrics.SegMetrics` computes it: the mean IoU over
     the classes present in the truth or the prediction (NaN where none is)."""
     tp = np.diagonal(confusion, axis1=-2, axis2=-1)
     union = confusion.sum(-1) + confusion.sum(-2) - tp

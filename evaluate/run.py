@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from defectforge.reader import make_dataset, read_location_info
-from finetune.models import load_segmenter
 from pretrain.models import model_family
+from pretrain.segmenter import load_segmenter
 
 from .claims import decide_claims
 from .config import EvalConfig

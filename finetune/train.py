@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss, FocalLoss
 
 from defectforge.augment import augment_batch, build_augment
 from defectforge.config import ConfigError
@@ -25,10 +24,11 @@ from defectforge.reader import list_keys, make_dataset
 from defectforge.shards import ShardError
 from defectforge.tracking import class_palette, mask_grid
 from defectforge.training import Task, normalizer, run_task
+from pretrain.metrics import SegMetrics
+from pretrain.segmenter import SegLoss, Segmenter, auto_class_weights, build_segmenter, save_segmenter
 
 from .config import FinetuneConfig
-from .metrics import SegMetrics
-from .models import Segmenter, build_segmenter, freeze, load_init, save_segmenter
+from .models import freeze, load_init
 
 log = logging.getLogger("finetune")
 PANEL_SIDE = 256
@@ -43,54 +43,6 @@ def select_subset(keys: list[str], n: int | None, seed: int) -> list[str] | None
                           "the training split")
     order = np.random.default_rng([seed, 0x5EB5E7]).permutation(sorted(keys))
     return sorted(order[:n].tolist())
-
-
-def auto_class_weights(shards: str, split: str, classes: list[str], keys: list[str] | None,
-                       max_samples: int = 500) -> list[float]:
-    """Cross-entropy weights from the training split's pixel frequencies: sqrt(f_background / f_class), in [1, 20].
-
-    Only training data is read (the subset when there is one, at most `max_samples` images); a class without
-    a pixel keeps weight 1.
-    """
-    counts = torch.zeros(len(classes), dtype=torch.float64)
-    for i, sample in enumerate(make_dataset(shards, split, classes=classes, keys=keys)):
-        if i >= max_samples:
-            break
-        counts += torch.bincount(sample["mask"].flatten(), minlength=len(classes)).double()
-    weights = [1.0]
-    for c in range(1, len(classes)):
-        weights.append(float((counts[0] / counts[c]).sqrt().clamp(1.0, 20.0)) if counts[c] > 0 else 1.0)
-    return weights
-
-
-class SegLoss(torch.nn.Module):
-    """Cross-entropy (optionally class-weighted) or focal, plus Dice over the classes when asked."""
-
-    def __init__(self, cfg: FinetuneConfig, num_values: int, weights: list[float] | None = None):
-        super().__init__()
-        weight = None
-        if weights is not None:
-            weight = torch.tensor(weights, dtype=torch.float32)
-        elif isinstance(cfg.class_weights, list):
-            if len(cfg.class_weights) != num_values:
-                raise ConfigError(f"key 'class_weights': {len(cfg.class_weights)} weights given, the shards have "
-                                  f"{num_values} classes (background first)")
-            weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
-        self.register_buffer("weight", weight)
-        self.focal = FocalLoss(mode="multiclass") if cfg.loss.startswith("focal") else None
-        self.dice = DiceLoss(mode="multiclass", from_logits=True) if cfg.loss.endswith("dice") else None
-        self.dice_weight = cfg.dice_weight
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = logits.float()
-        main = self.focal(logits, target) if self.focal is not None else F.cross_entropy(logits, target,
-                                                                                          weight=self.weight)
-        out = {"loss": main, "ce" if self.focal is None else "focal": main}
-        if self.dice is not None:
-            dice = self.dice(logits, target)
-            out["loss"] = main + self.dice_weight * dice
-            out["dice"] = dice
-        return out
 
 
 @torch.no_grad()
@@ -133,12 +85,9 @@ def validate(run: Run, model: torch.nn.Module, shards: str, cfg: FinetuneConfig,
             examples.append((sample["key"], *_panel(sample["image"], sample["mask"], probs[0].argmax(0).cpu())))
     model.train(was_training)
     metrics.load(acc.reduce(metrics.state(), reduction="sum"))
-    result = metrics.compute()
     if acc.is_main_process and examples:
         _save_examples(run, examples, classes, step)
-    flat = {k: v for k, v in result.items() if k != "IoU"}
-    flat.update({f"IoU/{k}": v for k, v in result["IoU"].items() if v is not None})
-    return {f"val_{k}": v for k, v in flat.items()}
+    return metrics.flat()
 
 
 def _save_examples(run: Run, examples: list, classes: list[str], step: int) -> None:
@@ -178,7 +127,7 @@ class FinetuneTask(Task):
         model, self.mcfg = build_segmenter(cfg, classes)
         self.init_report = None
         if cfg.init is not None:
-            self.init_report = load_init(model, cfg.init, self.mcfg["model"])
+            self.init_report = load_init(model, cfg.init, self.mcfg, cfg.class_map)
             self.mcfg["init"] = str(cfg.init)
         frozen = freeze(model, cfg.freeze, self.mcfg["model"]) if cfg.freeze is not None else []
         weights = auto_class_weights(shards, cfg.train_split, classes, self.subset) \
@@ -190,7 +139,8 @@ class FinetuneTask(Task):
             report = self.init_report
             (run.run_dir / "run_info.json").write_text(json.dumps({
                 "init": str(cfg.init) if cfg.init else None,
-                "init_report": {k: (len(v), v[:20]) for k, v in report.items()} if report else None,
+                "init_report": {k: (len(v), v if isinstance(v, dict) else v[:20]) for k, v in report.items()}
+                if report else None,
                 "frozen": len(frozen), "class_weights": weights or cfg.class_weights,
                 "train_samples": len(self.subset) if self.subset is not None else None, "subset": self.subset,
                 "model": self.mcfg}, indent=2) + "\n")
@@ -204,6 +154,7 @@ class FinetuneTask(Task):
         return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                             batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
+                            defect_crop=cfg.defect_crop,
                             keys=self.subset)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:

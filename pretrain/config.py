@@ -9,16 +9,24 @@ from defectforge.config import require, section
 from defectforge.training import TrainingKeys, validate_training_keys
 
 from .cutmix import MixConfig
+from .segmenter import SegmentationKeys, validate_segmentation_keys
+
+OBJECTIVES = ("classification", "segmentation")
 
 
 @dataclass
-class PretrainConfig(TrainingKeys, MixConfig):
+class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
     """Every key of `python -m pretrain` (docs/pretrain.md): the TrainingKeys, the mixing keys of MixConfig
-    (cutmix_alpha, cutmix_prob, mixup_alpha, switch_prob, label_mode; pretrain/cutmix.py) and these."""
+    (cutmix_alpha, cutmix_prob, mixup_alpha, switch_prob, label_mode; pretrain/cutmix.py), the
+    SegmentationKeys (architecture, decoder_kwargs, output_stride, loss, dice_weight, class_weights;
+    pretrain/segmenter.py) read with `objective: segmentation`, and these."""
 
     RENAMED: ClassVar[dict[str, str]] = {"img_size": "crop_size"}
 
     name: str = "pretrain"
+    # segmentation: the network finetune builds (encoder + decoder + head, pretrain/segmenter.py) on the masks,
+    # loaded whole by finetune; classification: the timm backbone's multi-label head (+ the dense head)
+    objective: str = "classification"  # classification | segmentation
     # model (pretrain/models.py): any timm name or alias, built with pretrained=False
     model: str = "vit_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -27,6 +35,7 @@ class PretrainConfig(TrainingKeys, MixConfig):
     drop_path_rate: float = 0.0
     dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
     dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
+    aux_weight: float = 0.2  # segmentation: weight of the multi-label BCE of an auxiliary head (0 = no head)
     # optimisation beyond the TrainingKeys (batch_size, lr, max_steps, ...)
     layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
     # mixing, augmentation on the device, data and bookkeeping: the MixConfig and TrainingKeys fields
@@ -38,6 +47,13 @@ class PretrainConfig(TrainingKeys, MixConfig):
                 "null or a number in (0, 1]")
         require(0 <= self.drop_path_rate < 1, "drop_path_rate", self.drop_path_rate, "a number in [0, 1)")
         require(self.dense_weight >= 0, "dense_weight", self.dense_weight, "a number >= 0")
+        require(self.objective in OBJECTIVES, "objective", self.objective, f"one of {', '.join(OBJECTIVES)}")
+        require(self.aux_weight >= 0, "aux_weight", self.aux_weight, "a number >= 0")
+        validate_segmentation_keys(self)
+        if self.objective == "segmentation":
+            require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective segmentation")
+            require(self.weights is None, "weights", self.weights,
+                    "null with objective segmentation (start it from random weights; or fine-tune from the weights)")
         self.mix.validate()
 
     @property

@@ -1,10 +1,13 @@
-"""Average precision for multi-label classification (the validation mAP of pretraining)."""
+"""Validation metrics: average precision for multi-label classification (the classification objective's mAP),
+and `SegMetrics` for segmentation (confusion matrix -> IoU, mIoU; defect-probability histograms -> F1 at 0.5
+and the best-threshold F1 over the dataset). Sums, so processes combine them with one all-reduce."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import torch
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -39,3 +42,74 @@ def multilabel_ap(scores: np.ndarray, targets: np.ndarray, classes: list[str]) -
     valid = [v for v in ap.values() if not math.isnan(v)]
     return {"mAP": float(np.mean(valid)) if valid else math.nan,
             "ap": {k: (None if math.isnan(v) else v) for k, v in ap.items()}}
+
+class SegMetrics:
+    """Accumulates `update(probs, target)`; `compute()` gives the metrics; `state()`/`load()` are plain tensors.
+
+    - IoU per class from the argmax prediction; `mIoU` averages the classes present in the target or the
+      prediction (a class absent from both has no IoU), `defect_mIoU` the same without background.
+    - Binary "defect vs background" with the defect probability `1 - p(background)`: `F1@0.5`, and
+      `F1_best` / `best_threshold` over `bins` thresholds (`k / bins`), the dataset-level best (ODS).
+    """
+
+    def __init__(self, classes: list[str], bins: int = 100, device: torch.device | str = "cpu"):
+        self.classes, self.bins = list(classes), bins
+        n = len(classes)
+        self.confusion = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(2, bins, dtype=torch.float64, device=device)  # [negative, positive] pixels
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """probs: (N, C, H, W) class probabilities; target: (N, H, W) class indices."""
+        n = len(self.classes)
+        if probs.ndim != 4 or probs.shape[1] != n or probs.shape[-2:] != target.shape[-2:]:
+            raise ValueError(f"expected probs (N, {n}, H, W) and target (N, H, W), got {tuple(probs.shape)} and "
+                             f"{tuple(target.shape)}")
+        target = target.to(self.confusion.device).long()
+        pred = probs.argmax(1).to(self.confusion.device)
+        self.confusion += torch.bincount((target * n + pred).flatten(), minlength=n * n).view(n, n).double()
+        defect = (1 - probs[:, 0]).to(self.hist.device).flatten()
+        index = (defect * self.bins).long().clamp_(0, self.bins - 1)
+        positive = (target > 0).flatten().long()
+        self.hist += torch.bincount(positive * self.bins + index, minlength=2 * self.bins).view(2, self.bins).double()
+
+    def state(self) -> torch.Tensor:
+        return torch.cat([self.confusion.flatten(), self.hist.flatten()])
+
+    def load(self, state: torch.Tensor) -> None:
+        n = len(self.classes)
+        self.confusion = state[:n * n].view(n, n).clone()
+        self.hist = state[n * n:].view(2, self.bins).clone()
+
+    def flat(self, prefix: str = "val_") -> dict:
+        """`compute()` flattened for metrics.jsonl: per-class IoU as `<prefix>IoU/<class>` (classes with one)."""
+        result = self.compute()
+        out = {f"{prefix}{k}": v for k, v in result.items() if k != "IoU"}
+        out.update({f"{prefix}IoU/{k}": v for k, v in result["IoU"].items() if v is not None})
+        return out
+
+    def compute(self) -> dict:
+        c = self.confusion.cpu()
+        tp = c.diag()
+        union = c.sum(0) + c.sum(1) - tp
+        iou = {name: (float(tp[i] / union[i]) if union[i] > 0 else None) for i, name in enumerate(self.classes)}
+        valid = [v for v in iou.values() if v is not None]
+        defect = [v for k, v in list(iou.items())[1:] if v is not None]
+        # threshold k/bins: predicted defect when the probability's bin index >= k
+        neg, pos = self.hist.cpu()
+        tp_t = pos.flip(0).cumsum(0).flip(0)  # positives at or above each threshold
+        fp_t = neg.flip(0).cumsum(0).flip(0)
+        fn_t = pos.sum() - tp_t
+        f1 = 2 * tp_t / (2 * tp_t + fp_t + fn_t).clamp_min(1e-12)
+        best = int(f1.argmax())
+        half = self.bins // 2
+        total = float(c.sum())
+        return {
+            "mIoU": sum(valid) / len(valid) if valid else math.nan,
+            "defect_mIoU": sum(defect) / len(defect) if defect else math.nan,
+            "IoU": iou,
+            "F1@0.5": float(f1[half]) if pos.sum() > 0 else math.nan,
+            "F1_best": float(f1[best]) if pos.sum() > 0 else math.nan,
+            "best_threshold": best / self.bins,
+            "pixel_accuracy": float(tp.sum()) / total if total else math.nan,
+            "pixels": total,
+        }

@@ -259,19 +259,22 @@ def _resample_pos_embed(model: nn.Module, tensor: Tensor, target: Tensor) -> Ten
 
 
 def load_weights(model: nn.Module, path: str | Path, *, strict_shapes: bool = True, skip_head: bool = False,
-                 key_map: Callable[[str], str] | None = None) -> dict:
+                 key_map: Callable[[str], str] | None = None, select: Callable[[str], bool] | None = None) -> dict:
     """Load a local safetensors / torch weights file into ``model``; returns what was loaded and what was not.
 
     ``skip_head=True`` leaves every classifier-head tensor at its initialisation (whatever its shape), so a
     backbone trained on K classes loads into a K'-class model. A ViT position embedding trained at another
     image size is interpolated to the model's grid (listed under ``"resampled"``). With ``strict_shapes=False``
     other tensors of the wrong shape are skipped and listed under ``"mismatched"`` instead of raising.
-    ``key_map`` renames each file key (after ``module.``/``_orig_mod.`` are stripped) to the model's naming.
+    ``key_map`` renames each file key (after ``module.``/``_orig_mod.`` are stripped) to the model's naming;
+    ``select`` keeps only the file keys (before renaming) it is true for (the rest is not this model's part).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     file_sd = {_strip(k): v for k, v in read_state_dict(path).items()}
+    if select is not None:
+        file_sd = {k: v for k, v in file_sd.items() if select(k)}
     if key_map is not None:
         file_sd = {key_map(k): v for k, v in file_sd.items()}
     model_sd = model.state_dict()

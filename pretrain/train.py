@@ -2,7 +2,10 @@
 
 Per optimizer step on every process: `grad_accum` batches from the shard stream -> augmentation
 (image and mask alike) -> labels from the augmented masks -> CutMix/Mixup (masks included) -> normalisation
--> BCE on the multi-label logits (+ cross-entropy of the dense head) -> AdamW, clipping, cosine schedule.
+-> the objective's losses -> AdamW, clipping, cosine schedule. `objective: classification`: BCE on the
+backbone's multi-label logits (+ cross-entropy of the dense head); `objective: segmentation`: the segmentation
+network that finetune builds (pretrain/segmenter.py), its loss on the mixed masks (+ the multi-label BCE of an
+auxiliary head), validated by mIoU and saved whole, so that finetune loads encoder, decoder and head.
 
 The loop itself (checkpoints, exact resume, NaN stop, logging) is `defectforge/loop.py`, shared with finetune.
 """
@@ -30,8 +33,9 @@ from defectforge.training import Task, normalizer, run_task
 
 from .config import PretrainConfig
 from .cutmix import mix_batch
-from .metrics import multilabel_ap
+from .metrics import SegMetrics, multilabel_ap
 from .models import PretrainNet, create_backbone, model_config, save_model
+from .segmenter import SegLoss, auto_class_weights, build_segmenter, save_segmenter
 
 log = logging.getLogger("pretrain")
 
@@ -103,12 +107,15 @@ class PretrainTask(Task):
             (run.run_dir / "run_info.json").write_text(json.dumps({
                 "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
                 "sources": info.get("sources") or [info.get("source")], "classes": self.classes}, indent=2) + "\n")
-        net, self.mcfg = build_model(cfg, self.classes)
+        net, self.mcfg = self.make_model()
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         self.val = val_loader(shards, cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                               num_workers=min(cfg.num_workers, 1), classes=self.classes) if cfg.val_split else None
         return net
+
+    def make_model(self) -> tuple[torch.nn.Module, dict]:
+        return build_model(self.cfg, self.classes)
 
     def param_groups(self, model: PretrainNet) -> list[dict]:
         return param_groups(model, self.cfg)
@@ -117,7 +124,8 @@ class PretrainTask(Task):
         cfg = self.cfg
         return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                             batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes)
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
+                            defect_crop=cfg.defect_crop)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         return pretrain_losses(run, model, batch, self.aug, self.mix, self.normalize, self.cfg, self.classes,
@@ -135,27 +143,84 @@ class PretrainTask(Task):
         return {"model": str(run.run_dir / "model.safetensors") if done else None}
 
 
+class SegPretrainTask(PretrainTask):
+    """`objective: segmentation`: the fine-tuning network (encoder + decoder + head) on the mixed masks."""
+
+    def make_model(self) -> tuple[torch.nn.Module, dict]:
+        cfg = self.cfg
+        kwargs = {**cfg.model_kwargs, **({"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {})}
+        net, mcfg = build_segmenter(cfg, self.classes, encoder_kwargs=kwargs, aux_head=cfg.aux_weight > 0)
+        mcfg["objective"] = "segmentation"
+        return net, mcfg
+
+    def build(self, run: Run) -> torch.nn.Module:
+        net = super().build(run)
+        cfg = self.cfg
+        weights = auto_class_weights(self.shards, cfg.train_split, self.classes, None) \
+            if cfg.class_weights == "auto" else None
+        self.criterion = SegLoss(cfg, len(self.classes), weights).to(run.accelerator.device)
+        return net
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        return Task.param_groups(self, model)
+
+    def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        images, labels, target = mixed_batch(run, batch, self.aug, self.mix, self.classes,
+                                             run.run_dir / "cutmix_grid.png" if first else None)
+        out = model(self.normalize(images))
+        logits, label_logits = out if isinstance(out, tuple) else (out, None)
+        losses = self.criterion(logits, target)
+        if label_logits is not None:
+            losses["bce"] = F.binary_cross_entropy_with_logits(label_logits.float(), labels)
+            losses["loss"] = losses["loss"] + self.cfg.aux_weight * losses["bce"]
+        return losses
+
+    @torch.no_grad()
+    def validate(self, run: Run, model, step: int) -> dict:
+        acc = run.accelerator
+        was_training = model.training
+        model.eval()
+        metrics = SegMetrics(self.classes, device=acc.device)
+        for batch in self.val:
+            images, masks = to_device(batch, acc.device)
+            with acc.autocast():
+                out = model(self.normalize(images))
+            metrics.update((out[0] if isinstance(out, tuple) else out).float().softmax(1), masks)
+        model.train(was_training)
+        metrics.load(acc.reduce(metrics.state(), reduction="sum"))
+        return metrics.flat()
+
+    def export(self, run: Run, model: torch.nn.Module) -> None:
+        save_segmenter(model, run.run_dir, self.mcfg)
+
+
 def train(cfg: PretrainConfig, shards: str | list[str], run_dir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) pretraining; returns a summary {step, val, checkpoint, model}.
 
     `shards`: one location, or several dataset folders with the same classes read as one stream (for example
     procedural and diffusion shards); RUN/run_info.json records them and their `source`s.
     """
-    return run_task(PretrainTask(cfg, shards), run_dir, progress=progress)
+    task = SegPretrainTask if cfg.objective == "segmentation" else PretrainTask
+    return run_task(task(cfg, shards), run_dir, progress=progress)
 
 
-def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: PretrainConfig, classes: list[str], *,
-                    grid_path: Path | None) -> dict[str, torch.Tensor]:
-    """One batch: augment, labels from the augmented masks, mix, forward; the losses (total first)."""
-    device = run.accelerator.device
-    images, masks = to_device(batch, device)
-    images, masks = augment_batch(aug, images, masks)
+def mixed_batch(run: Run, batch: dict, aug, mix, classes: list[str], grid_path: Path | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augment, labels from the augmented masks, mix: (images, multi-hot labels, mixed masks)."""
+    images, masks = augment_batch(aug, *to_device(batch, run.accelerator.device))
     k = len(classes) - 1
     present = images.new_zeros(masks.shape[0], k + 1).scatter_(1, masks.flatten(1), 1.0)
     labels = present[:, 1:]  # presence after the crop: a defect cropped away is absent
     images, labels, dense_target, info = mix_batch(images, labels, masks, mix)
     if grid_path is not None and run.accelerator.is_main_process:
         log_grid(run, images, dense_target, classes, grid_path, info["mode"])
+    return images, labels, dense_target
+
+
+def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: PretrainConfig, classes: list[str], *,
+                    grid_path: Path | None) -> dict[str, torch.Tensor]:
+    """One batch of the classification objective: mixed batch, forward; the losses (total first)."""
+    images, labels, dense_target = mixed_batch(run, batch, aug, mix, classes, grid_path)
     out = model(normalize(images))
     bce = F.binary_cross_entropy_with_logits(out["logits"].float(), labels)
     dense = F.cross_entropy(out["dense"].float(), dense_target) if "dense" in out else bce.new_zeros(())

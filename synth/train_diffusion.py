@@ -223,7 +223,7 @@ class DiffusionTask(Task):
         loaders = [train_loader(s, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size, batches=per,
                                 world_size=acc.num_processes, num_workers=cfg.num_workers,
                                 shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 7919 * k, epoch=epoch,
-                                classes=self.per_folder[k])
+                                classes=self.per_folder[k], defect_crop=cfg.defect_crop)
                    for k, s in enumerate(self.shards)]
         for group in zip(*loaders, strict=False):
             for k, batch in enumerate(group):

@@ -17,12 +17,9 @@ def schemas() -> dict[str, type]:
     from evaluate.config import EvalConfig
     from finetune.config import FinetuneConfig
     from pretrain.config import PretrainConfig
+    from synth.config import SynthConfig
     from synth.train_diffusion import DiffusionTrainConfig
 
-    try:
-        from synth.config import SynthConfig
-    except ImportError:
-        from synth.compose import SynthConfig
     return {"synth generate": SynthConfig, "synth train-diffusion": DiffusionTrainConfig, "pretrain": PretrainConfig,
             "finetune": FinetuneConfig, "evaluate run": EvalConfig}
 

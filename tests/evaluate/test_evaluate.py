@@ -118,7 +118,7 @@ def test_attention_and_gradcam_maps_have_the_image_size_and_localization_is_scor
     from defectforge.config import load_config
     from evaluate.interpret import attention_map, gradcam_map, is_vit, localization
     from finetune.config import FinetuneConfig
-    from finetune.models import build_segmenter
+    from pretrain.segmenter import build_segmenter
 
     vit, _ = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "encoder_kwargs": {
         "embed_dim": 48, "num_heads": 2}}), ["background", "crack"])

@@ -11,10 +11,11 @@ import torch
 from defectforge.config import ConfigError, load_config
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
-from finetune.metrics import SegMetrics
-from finetune.models import build_segmenter, freeze, load_init, load_segmenter
-from finetune.train import SegLoss, select_subset, train
+from finetune.models import freeze, load_init
+from finetune.train import select_subset, train
 from pretrain.config import PretrainConfig
+from pretrain.metrics import SegMetrics
+from pretrain.segmenter import SegLoss, build_segmenter, load_segmenter
 from pretrain.train import train as pretrain
 from synth.importer import import_folder
 from tests.synth.helpers import make_shards
@@ -85,7 +86,7 @@ def test_init_from_a_pretrain_run_loads_the_saved_backbone_and_rejects_a_mismatc
     cfg = config(model="vit_tiny", encoder_kwargs=SMALL_VIT)
     model, mcfg = build_segmenter(cfg, CLASSES)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    report = load_init(model, tmp_path / "pre", mcfg["model"])
+    report = load_init(model, tmp_path / "pre", mcfg)
     after = model.encoder.state_dict()
     assert report["loaded"] and not report["missing"] and sorted(report["skipped_head"]) == ["head.bias", "head.weight"]
     for key in report["loaded"]:
@@ -93,16 +94,16 @@ def test_init_from_a_pretrain_run_loads_the_saved_backbone_and_rejects_a_mismatc
         assert not torch.equal(after[key], before[key]) or key.endswith("bias"), key
 
     bigger, mcfg2 = build_segmenter(config(model="vit_tiny", encoder_kwargs=SMALL_VIT, crop_size=128), CLASSES)
-    assert load_init(bigger, tmp_path / "pre", mcfg2["model"])["resampled"] == ["pos_embed"]
+    assert load_init(bigger, tmp_path / "pre", mcfg2)["resampled"] == ["pos_embed"]
 
     resnet, rcfg = build_segmenter(config(model="resnet18", architecture="Unet"), CLASSES)
     with pytest.raises(ValueError, match="holds a vit_tiny_patch16_224 backbone but this run builds resnet18"):
-        load_init(resnet, tmp_path / "pre", rcfg["model"])
+        load_init(resnet, tmp_path / "pre", rcfg)
     wide, wcfg = build_segmenter(config(model="vit_tiny"), CLASSES)  # embed_dim 192 vs the saved 48
     with pytest.raises(ValueError, match="shape mismatch"):
-        load_init(wide, tmp_path / "pre", wcfg["model"])
+        load_init(wide, tmp_path / "pre", wcfg)
     with pytest.raises(FileNotFoundError, match="no weights file"):
-        load_init(wide, tmp_path / "nowhere", wcfg["model"])
+        load_init(wide, tmp_path / "nowhere", wcfg)
 
 
 def test_subset_is_deterministic_nested_and_checked():

@@ -100,15 +100,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 @pytest.mark.distributed
-def test_two_accelerate_processes_split_the_data_and_stop_together(shards, tmp_path):
+@pytest.mark.parametrize("objective", ["classification", "segmentation"])
+def test_two_accelerate_processes_split_the_data_and_stop_together(shards, tmp_path, objective):
+    """Both objectives under DDP (segmentation: the ViT's unused final norm must not make DDP wait)."""
     run = tmp_path / "run"
+    # smp reserves `depth`, so the segmentation network keeps ViT-Tiny's 12 blocks, at width 48
+    model = {} if objective == "classification" else {"model_kwargs": {"embed_dim": 48, "num_heads": 2}}
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items() if k != "wandb"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "pretrain",
            "--config", str(REPO / "configs/pretrain/quickstart.yaml"), "--shards", str(shards), "--out", str(run),
            "--no-progress", *overrides, "max_steps=4", "checkpoint_every=4", "batch_size=2", "shuffle_buffer=0",
-           "trace_samples=true", "wandb=true"]
+           "trace_samples=true", "wandb=true", f"objective={objective}",
+           *[f"{k}={json.dumps(v)}" for k, v in model.items()]]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     traces = [(run / f"samples/rank-{r}.txt").read_text().splitlines() for r in range(2)]

@@ -1,0 +1,148 @@
+"""Segmentation pretraining (`objective: segmentation`) and its transfer into fine-tuning: the decoder and the
+head's class rows load by name, through `class_map`, or are re-initialised with the reason written down."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from defectforge.config import ConfigError, load_config
+from defectforge.tracking import read_metrics
+from finetune.config import FinetuneConfig
+from finetune.models import load_init, map_classes
+from finetune.train import train as finetune
+from pretrain.config import PretrainConfig
+from pretrain.segmenter import build_segmenter, load_segmenter
+from pretrain.train import train as pretrain
+from synth.importer import import_folder
+from tests.synth.helpers import make_shards
+
+SMALL_VIT = {"embed_dim": 48, "num_heads": 2}
+FAST = {"crop_size": 64, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "val_every": 4, "checkpoint_every": 4,
+        "log_every": 1, "num_workers": 0, "shuffle_buffer": 0, "wandb": False}
+SYNTH = ["background", "crack", "scratch", "pit", "stain", "chip"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("segpre-shards")
+    make_shards(out, num_samples=16, image_size=[64, 96], shard_size=4, val_ratio=0.25)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("segpre-vit") / "run"
+    cfg = load_config(PretrainConfig, None, {**FAST, "objective": "segmentation", "model": "vit_tiny",
+                                             "model_kwargs": SMALL_VIT, "defect_crop": 0.5})
+    summary = pretrain(cfg, str(shards), run, progress=False)
+    assert summary["step"] == 4 and "val_defect_mIoU" in summary["val"]
+    return run
+
+
+def _real_folder(root: Path, classes: list[str]) -> Path:
+    """A labeled folder with the given defect classes (values 1..K), imported with a val split."""
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        mask = np.zeros((64, 80), np.uint8)
+        for k in range(1, len(classes) + 1):
+            y, x = rng.integers(0, 56), rng.integers(0, 72)
+            mask[y:y + 6, x:x + 6] = k
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+        Image.fromarray(mask).save(masks / f"{i:03d}.png")
+    out = root / "shards"
+    import_folder(images, masks, out, classes=classes, name="mine", val_ratio=0.25, seed=0)
+    return out
+
+
+def test_segmentation_pretraining_writes_the_finetune_network_and_its_metrics(vit_run):
+    model, mcfg = load_segmenter(vit_run)
+    assert mcfg["objective"] == "segmentation" and mcfg["smp_class"] == "DPT" and mcfg["classes"] == SYNTH
+    assert mcfg["aux_classes"] == len(SYNTH) - 1  # the multi-label auxiliary head
+    logits, labels = model(torch.rand(1, 3, 70, 90))
+    assert logits.shape == (1, len(SYNTH), 70, 90) and labels.shape == (1, len(SYNTH) - 1)
+    rows = [r for r in read_metrics(vit_run / "metrics.jsonl") if "loss" in r]
+    assert rows and all({"ce", "dice", "bce"} <= set(r) for r in rows)
+    assert (vit_run / "cutmix_grid.png").is_file()
+
+
+def test_finetune_from_a_segmentation_run_loads_encoder_decoder_and_head_with_identical_outputs(shards, vit_run,
+                                                                                             tmp_path):
+    cfg = load_config(FinetuneConfig, None, {**FAST, "model": "vit_tiny", "encoder_kwargs": SMALL_VIT,
+                                             "init": str(vit_run)})
+    model, mcfg = build_segmenter(cfg, SYNTH)
+    report = load_init(model, vit_run, mcfg)
+    saved = safetensors.torch.load_file(str(vit_run / "model.safetensors"))
+    decoder = [k for k in saved if k.startswith("net.decoder.")]
+    assert decoder and set(decoder) <= set(report["decoder_loaded"])
+    assert "net.segmentation_head.head.4.weight" in report["decoder_loaded"]
+    assert report["classes"] == {c: [c] for c in SYNTH} and not report["reinitialised"]
+    assert not report["unexpected"]
+    pre, _ = load_segmenter(vit_run)
+    model.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), pre(x)[0], atol=1e-5)  # the same network, without the auxiliary head
+
+    # the command: run_info.json says what loaded
+    summary = finetune(load_config(FinetuneConfig, None, {**FAST, "model": "vit_tiny", "encoder_kwargs": SMALL_VIT,
+                                                          "init": str(vit_run), "max_steps": 2, "val_every": 2,
+                                                          "checkpoint_every": 2}), str(shards), tmp_path / "ft",
+                       progress=False)
+    assert summary["step"] == 2
+    info = json.loads((tmp_path / "ft/run_info.json").read_text())["init_report"]
+    assert info["decoder_loaded"][0] >= len(decoder) and info["classes"][1]["crack"] == ["crack"]
+
+
+def test_class_map_renames_merges_and_reinitialises_head_rows(vit_run, tmp_path):
+    saved = safetensors.torch.load_file(str(vit_run / "model.safetensors"))
+    w, b = saved["net.segmentation_head.head.4.weight"], saved["net.segmentation_head.head.4.bias"]
+    target = ["background", "defect", "blowhole", "dent"]
+    cfg = load_config(FinetuneConfig, None, {**FAST, "model": "vit_tiny", "encoder_kwargs": SMALL_VIT,
+                                             "init": str(vit_run)})
+    model, mcfg = build_segmenter(cfg, target)
+    fresh = model.state_dict()["net.segmentation_head.head.4.weight"].clone()
+    report = load_init(model, vit_run, mcfg, {"defect": ["crack", "scratch"], "blowhole": "pit"})
+    head = model.state_dict()
+    got_w, got_b = head["net.segmentation_head.head.4.weight"], head["net.segmentation_head.head.4.bias"]
+    assert torch.equal(got_w[0], w[0]) and torch.equal(got_b[0], b[0])  # background from background
+    assert torch.allclose(got_w[1], (w[1] + w[2]) / 2) and torch.allclose(got_b[1], (b[1] + b[2]) / 2)
+    assert torch.equal(got_w[2], w[3])  # blowhole <- pit
+    assert torch.equal(got_w[3], fresh[3])  # dent: no pretraining class of that name, left as initialised
+    assert report["classes"]["defect"] == ["crack", "scratch"] and report["classes"]["blowhole"] == ["pit"]
+    assert "no pretraining class named 'dent'" in report["classes"]["dent"]
+
+
+def test_class_map_errors_name_the_class_and_the_lists(vit_run):
+    with pytest.raises(ValueError, match="'rust' is not a class of the fine-tuning data"):
+        map_classes(["background", "crack"], SYNTH, {"rust": "stain"})
+    with pytest.raises(ValueError, match=r"crack -> \['spall'\] is not a class of the init's pretraining data"):
+        map_classes(["background", "crack"], SYNTH, {"crack": ["spall"]})
+    with pytest.raises(ConfigError, match="class_map"):
+        load_config(FinetuneConfig, None, {"class_map": {"crack": "crack"}})  # no init to map from
+    with pytest.raises(ConfigError, match="objective"):
+        load_config(PretrainConfig, None, {"objective": "detection"})
+
+
+def test_a_cnn_segmentation_run_transfers_and_a_different_decoder_is_reinitialised(shards, tmp_path):
+    run = tmp_path / "unet"
+    pretrain(load_config(PretrainConfig, None, {**FAST, "objective": "segmentation", "model": "resnet18",
+                                                "architecture": "Unet", "aux_weight": 0.0}), str(shards), run,
+             progress=False)
+    mine = _real_folder(tmp_path / "mine", ["crack", "dent"])
+    unet = {**FAST, "model": "resnet18", "architecture": "Unet", "init": str(run), "max_steps": 2, "val_every": 2,
+            "checkpoint_every": 2}
+    finetune(load_config(FinetuneConfig, None, unet), str(mine), tmp_path / "ft", progress=False)
+    report = json.loads((tmp_path / "ft/run_info.json").read_text())["init_report"]
+    assert report["decoder_loaded"][0] > 0 and report["classes"][1]["crack"] == ["crack"]
+    assert "dent" in report["classes"][1]["dent"]
+    fpn, mcfg = build_segmenter(load_config(FinetuneConfig, None, {**unet, "architecture": "FPN"}), ["background"])
+    other = load_init(fpn, run, mcfg)
+    assert other["decoder_loaded"] == [] and "Unet" in other["reinitialised"]["decoder and head"]
