@@ -15,21 +15,25 @@ model, optimizer, schedule, step and every process's RNG.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
+import pickle
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from defectforge.config import ConfigError, save_config, to_dict
@@ -115,8 +119,52 @@ def resolve_resume(cfg: Any, run_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
-    """`save_state` into step-N.tmp, renamed to step-N once every process has written its part."""
+def save_objects(folder: Path, objects: Sequence[Any]) -> None:
+    """Each object's `state_dict()` without pickle: its tensors as `state_<i>.safetensors`, the rest as
+    `state_<i>.json` (the loop's counters, the schedule, the EMA weights)."""
+    for i, obj in enumerate(objects):
+        state = obj.state_dict()
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        if tensors:
+            save_file(tensors, str(folder / f"state_{i}.safetensors"))
+        try:
+            (folder / f"state_{i}.json").write_text(json.dumps(rest))
+        except TypeError as err:
+            raise TypeError(f"the state of {type(obj).__name__} holds a value that is neither a tensor nor JSON: "
+                            f"{err}") from err
+
+
+def load_objects(folder: Path, objects: Sequence[Any]) -> None:
+    """Restore what `save_objects` wrote; nothing here is unpickled, so a checkpoint cannot run code."""
+    for i, obj in enumerate(objects):
+        path = folder / f"state_{i}.json"
+        if not path.is_file():
+            raise ConfigError(f"cannot resume from {folder}: {path.name} is missing (a checkpoint of an older "
+                              "version, or damaged); start a new run")
+        state = json.loads(path.read_text())
+        tensors = folder / f"state_{i}.safetensors"
+        if tensors.is_file():
+            state.update(load_file(str(tensors)))
+        obj.load_state_dict(state)
+
+
+def check_pickles(folder: Path) -> None:
+    """Read every pickle of an Accelerate checkpoint (optimizer, RNG states) as Accelerate does, `weights_only`:
+    one that holds more than tensors and plain values fails here, naming it, where Accelerate would skip a bad
+    RNG state with an info line and resume inexactly."""
+    for path in sorted([*folder.glob("*.pkl"), *folder.glob("*.bin")]):
+        try:
+            accelerate_load(path, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ConfigError(f"cannot resume from {folder}: {path.name} holds more than tensors and plain values "
+                              f"(or is damaged), refused unread: {str(err).splitlines()[0]}") from err
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int,
+                    objects: Sequence[Any] = ()) -> Path:
+    """`save_state` (model, optimizer, RNG) and `save_objects` into step-N.tmp, renamed to step-N once every
+    process has written its part."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f"step-{step:07d}.tmp"
     if accelerator.is_main_process:
@@ -124,6 +172,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_objects(tmp, objects)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -179,6 +229,7 @@ class Run:
         self.accelerator = make_accelerator(cfg, self.run_dir)
         self.resume_from = resolve_resume(cfg, self.run_dir)
         self.state = TrainState()
+        self.objects: list[Any] = [self.state]  # what `save_objects` checkpoints; `start` adds the rest
         self.metrics: MetricsLog | None = None
         self._trace: TextIO | None = None
         self._micro_step: Callable[[dict, bool], dict[str, torch.Tensor]] | None = None
@@ -190,13 +241,22 @@ class Run:
     def start(self, *objects: Any) -> None:
         """Register `objects` (schedule, EMA, ...) for checkpointing, load the checkpoint, open the trackers."""
         acc, cfg = self.accelerator, self.cfg
-        acc.register_for_checkpointing(self.state, *objects)
+        # not Accelerate's register_for_checkpointing: it unpickles custom_checkpoint_*.pkl with
+        # weights_only=False, so a crafted checkpoint would run code; these are saved as JSON + safetensors
+        self.objects = [self.state, *objects]
         if self.resume_from is not None:
+            foreign = sorted(p.name for p in self.resume_from.glob("custom_checkpoint_*"))
+            if foreign:
+                raise ConfigError(f"cannot resume from {self.resume_from}: it holds {', '.join(foreign)}, a pickle "
+                                  "this project never writes (an older version's checkpoint, or a crafted one); "
+                                  "refused unread")
+            check_pickles(self.resume_from)
             try:
-                acc.load_state(str(self.resume_from))
+                acc.load_state(str(self.resume_from))  # model (safetensors), optimizer and RNG: weights_only
             except (RuntimeError, KeyError, ValueError) as err:
                 raise ConfigError(f"cannot resume from {self.resume_from}: it does not match this config "
                                   f"({err})") from err
+            load_objects(self.resume_from, self.objects)
             log.info("resumed from %s at step %d", self.resume_from, self.state.step)
         else:
             set_seed(cfg.seed + acc.process_index)  # augmentation and mixing differ per process
@@ -319,7 +379,7 @@ class Run:
         if validate is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
             self.record(validate(step), step)
         if step % cfg.checkpoint_every == 0 or step == end:
-            save_checkpoint(acc, self.run_dir, step, cfg.keep_checkpoints)
+            save_checkpoint(acc, self.run_dir, step, cfg.keep_checkpoints, self.objects)
 
     def end(self) -> None:
         self.accelerator.end_training()  # also ends the process group: no collective after this

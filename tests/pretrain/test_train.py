@@ -168,7 +168,7 @@ def test_ema_accumulation_and_layer_decay_save_the_ema_weights(shards, tmp_path)
     assert summary["step"] == 2
     saved = weights(tmp_path / "model.safetensors")
     live = weights(checkpoints(tmp_path)[-1] / "model.safetensors")  # the trained (non-EMA) network
-    ema_state = torch.load(checkpoints(tmp_path)[-1] / "custom_checkpoint_2.pkl", weights_only=True)
+    ema_state = safetensors.torch.load_file(str(checkpoints(tmp_path)[-1] / "state_2.safetensors"))
     for key, value in saved.items():
         assert torch.equal(value, ema_state[f"module.backbone.{key}"]), key
     assert any(not torch.equal(value, live[f"backbone.{key}"]) for key, value in saved.items())
