@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from defectforge.config import ConfigError, save_config, to_dict
 
-from .files import write_atomic
+from .files import claim_output, write_atomic
 from .tracking import MetricsLog, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ class Run:
     def __init__(self, cfg: Any, run_dir: str | Path, *, job_type: str):
         self.cfg, self.run_dir, self.job_type = cfg, Path(run_dir), job_type
         self.accelerator = make_accelerator(cfg, self.run_dir)
+        if self.accelerator.is_main_process:
+            claim_output(self.run_dir, "run")  # never a folder of the user's own files
         self.resume_from = resolve_resume(cfg, self.run_dir)
         self.state = TrainState()
         self.objects: list[Any] = [self.state]  # what `save_objects` checkpoints; `start` adds the rest

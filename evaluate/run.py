@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from defectforge.files import claim_output, write_atomic
 from defectforge.reader import make_dataset, read_location_info
 from pretrain.models import model_family
 from pretrain.segmenter import load_segmenter
@@ -209,12 +210,12 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     """Evaluate every run in `models` on `shards`, write results.json and the report; returns report.html."""
     from .report import write_report
 
-    out = Path(out)
     device = resolve_device(cfg.device)
     runs = [Path(m) for m in models]
     for run in runs:
         if not (run / "model_config.json").is_file():
             raise FileNotFoundError(f"{run} is not a finetune run (no model_config.json; did it reach max_steps?)")
+    out = claim_output(out, "report")  # before the work: a folder of the user's files or an unwritable one fails now
     images, classes, sources = load_images(shards, cfg)
     by_size = sorted(images, key=lambda s: -s["image"].shape[-1] * s["image"].shape[-2])
     overlay_keys = {s["key"] for s in by_size[:cfg.overlays]}
@@ -229,8 +230,5 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     evaluation = Evaluation(config=cfg, classes=classes, sources=sources, images=len(images), device=str(device),
                             results=results, claims=decide_claims(results, cfg.claim_margin, cfg.overlap),
                             commands=commands or [])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(evaluation.to_dict(), indent=2, default=float) + "\n")
-    tmp.replace(out / "results.json")
+    write_atomic(out / "results.json", json.dumps(evaluation.to_dict(), indent=2, default=float) + "\n")
     return write_report(out, evaluation, by_size[:cfg.overlays], predictions, maps)

@@ -20,6 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from defectforge.files import claim_output, write_atomic
+
 from .config import DiffusionPlan, RealTarget, StudyPlan, load_study
 
 log = logging.getLogger("study")
@@ -110,9 +112,9 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
 
     plan = load_study(config, overrides)
     root = Path(out or Path("runs/study") / plan.name)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(json.dumps({"config": str(config), "overrides": overrides or [],
-                                                 "command": shlex.join(sys.argv)}, indent=2) + "\n")
+    claim_output(root, "study")
+    write_atomic(root / "study.json", json.dumps({"config": str(config), "overrides": overrides or [],
+                                                  "command": shlex.join(sys.argv)}, indent=2) + "\n")
     data = _run_data(plan, root)
     _run_pretrain(plan, data, root)
     runs = _run_finetune(plan, data, root)

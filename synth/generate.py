@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from defectforge.config import ConfigError, save_config, to_dict
+from defectforge.files import claim_output
 from defectforge.shards import (
     INFO_NAME,
     TMP_SUFFIX,
@@ -161,7 +162,9 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
     """
     out = Path(out)
     rank, world, barrier = _dist_state()
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        claim_output(out, "shards")  # a new, empty or earlier generator folder; never the user's own files
+    barrier()
     _check_or_write_config(cfg, out, rank == 0)
     barrier()
 

@@ -22,6 +22,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from defectforge.config import ConfigError
+from defectforge.files import MARKER, claim_output, is_own_output
 from defectforge.shards import Sample, ShardRecord, encode_sample, shard_name, write_info, write_shard
 
 log = logging.getLogger(__name__)
@@ -265,6 +266,9 @@ def import_folder(images: str | Path, masks: str | Path, out: str | Path, *,
     source = f"real:{name}"
     if _is_nonempty(out) and not overwrite:
         raise ImportFailed([f"{out}: output folder exists and is not empty; pass --overwrite to replace it"])
+    if _is_nonempty(out) and not (out.is_dir() and is_own_output(out)):
+        raise ImportFailed([f"{out}: --overwrite replaces only a folder this project wrote (it has a {MARKER} "
+                            "file); this one holds other files, so it is left as it is"])
     for folder, what in ((images, "images"), (masks, "masks")):
         if not folder.is_dir():
             raise ImportFailed([f"{folder}: {what} folder does not exist"])
@@ -315,10 +319,11 @@ def import_folder(images: str | Path, masks: str | Path, out: str | Path, *,
     if errors:
         raise ImportFailed(errors, where=f"import of {images}")
 
+    _remove_stale_partials(out)
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    claim_output(tmp, "shards")
     try:
         records = _write_splits(tmp, splits, image_files, mask_files, source, all_classes, mask_mode,
                                 shard_size, errors)
@@ -359,6 +364,21 @@ def _write_splits(tmp: Path, splits: dict[str, list[str]], image_files: dict[str
                 path = tmp / shard_name(split, len(records[split]))
                 records[split].append(write_shard(path, chain([first], islice(stream, shard_size - 1))))
     return records
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove `OUT.partial-PID` folders of imports whose process is gone (killed before it could clean up)."""
+    for folder in out.parent.glob(f"{out.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by a killed import", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _replace(tmp: Path, out: Path) -> None:

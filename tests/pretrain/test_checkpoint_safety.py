@@ -10,6 +10,7 @@ import safetensors.torch
 import torch
 
 from defectforge.config import ConfigError, load_config
+from defectforge.files import MARKER
 from pretrain.config import PretrainConfig
 from pretrain.train import train
 from tests.synth.helpers import make_shards
@@ -42,6 +43,7 @@ def _copy_step2(run, tmp_path):
     """A run folder holding only the step-2 checkpoint, to resume from."""
     other = tmp_path / "resumed"
     shutil.copytree(run / "checkpoints" / "step-0000002", other / "checkpoints" / "step-0000002")
+    shutil.copy(run / MARKER, other / MARKER)  # the run folder's own marker: the project may write here
     return other
 
 

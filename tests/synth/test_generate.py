@@ -101,7 +101,7 @@ def test_resume_after_interruption_keeps_complete_shards(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_shards(tmp_path / "ds")
     names = sorted(p.name for p in (tmp_path / "ds").iterdir())
-    assert names == ["config.yaml", "train-000000.tar"]  # no half shard, no _info.json yet
+    assert names == [".defectforge", "config.yaml", "train-000000.tar"]  # no half shard, no _info.json yet
     first = (tmp_path / "ds" / "train-000000.tar").stat().st_mtime_ns
     (tmp_path / "ds" / "train-000001.tar.tmp").write_bytes(b"garbage of a killed run")
 

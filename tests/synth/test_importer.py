@@ -272,10 +272,12 @@ def test_long_error_list_is_capped(tmp_path):
 
 def test_existing_output_needs_overwrite_and_survives_failure(tmp_path):
     make_folder(tmp_path)
+    (tmp_path / "images" / "rgba.png").rename(tmp_path / "rgba.png")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
     args = (tmp_path / "images", tmp_path / "masks", out)
+    import_folder(*args, classes=["crack", "spot"])  # an earlier import: a folder this project wrote
+    (out / "keep.txt").write_text("old")
+    (tmp_path / "rgba.png").rename(tmp_path / "images" / "rgba.png")
     with pytest.raises(ImportFailed, match="overwrite"):
         import_folder(*args, classes=["crack", "spot"])
     _corrupt_image(tmp_path)
