@@ -23,6 +23,8 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
     # data (and the TrainingKeys' train_split, num_workers, ...)
     val_split: str | None = "val"  # never the reported split: import train/test data with --val-ratio, or null
     train_samples: int | None = None  # a deterministic subset of the training split (same seed, same subset)
+    synthetic_shards: str | None = None  # co-training: shards mixed into every batch (their classes by class_map)
+    synthetic_ratio: float = 0.25  # share of each batch from synthetic_shards
     crop_size: int = 512
     # half the crops on a defect (nnU-Net samples a third around foreground); measured in docs/finetune.md
     defect_crop: float = 0.5
@@ -47,8 +49,13 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
             isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
             for v in self.class_map.values())), "class_map", self.class_map,
             "null or a mapping {target class: pretraining class or [classes]}")
-        require(self.class_map is None or self.init is not None, "class_map", self.class_map,
-                "null without an init (it maps the init's head rows)")
+        require(self.class_map is None or self.init is not None or self.synthetic_shards is not None, "class_map",
+                self.class_map, "null without an init or synthetic_shards (it maps their classes)")
+        require(isinstance(self.synthetic_ratio, int | float) and 0 < self.synthetic_ratio < 1, "synthetic_ratio",
+                self.synthetic_ratio, "a number in (0, 1)")
+        require(self.synthetic_shards is None or 1 <= round(self.synthetic_ratio * self.batch_size) < self.batch_size,
+                "synthetic_ratio", self.synthetic_ratio,
+                f"a share that leaves at least one synthetic and one target sample in a batch of {self.batch_size}")
         require(self.freeze is None or self.freeze >= 0, "freeze", self.freeze,
                 "null or an integer >= 0 (0 = stem/patch embedding only)")
         require(self.train_samples is None or self.train_samples >= 1, "train_samples", self.train_samples,

@@ -18,7 +18,7 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 
 from pretrain.models import CONFIG_FILE, WEIGHTS_FILE, load_weights, probe_model, read_state_dict
-from pretrain.segmenter import Segmenter
+from pretrain.segmenter import IGNORE, Segmenter
 
 log = logging.getLogger(__name__)
 _FLAT = re.compile(r"^([A-Za-z_]*[A-Za-z])\.(\d+)\.")  # "stages.0.x" <-> "stages_0.x" (timm FeatureListNet)
@@ -108,6 +108,18 @@ def map_classes(target: list[str], source: list[str], class_map: dict | None) ->
         else:
             out[name] = f"re-initialised: no pretraining class named '{name}' (name one with class_map)"
     return out
+
+
+def class_lut(target: list[str], source: list[str], class_map: dict | None) -> torch.Tensor:
+    """Mask value in `source`'s classes -> mask value in `target`'s, by `map_classes`; a source class that no
+    target class takes becomes `IGNORE` (its pixels train nothing rather than being called background)."""
+    mapping = map_classes(target, source, class_map)
+    lut = torch.full((256,), IGNORE, dtype=torch.uint8)
+    for index, name in enumerate(target):
+        if isinstance(mapping[name], list):
+            for src in mapping[name]:
+                lut[source.index(src)] = index
+    return lut
 
 
 def transfer_head(model: Segmenter, file_sd: dict[str, torch.Tensor], saved: dict, mcfg: dict,

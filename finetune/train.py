@@ -28,7 +28,7 @@ from pretrain.metrics import SegMetrics
 from pretrain.segmenter import SegLoss, Segmenter, auto_class_weights, build_segmenter, save_segmenter
 
 from .config import FinetuneConfig
-from .models import freeze, load_init
+from .models import class_lut, freeze, load_init
 
 log = logging.getLogger("finetune")
 PANEL_SIDE = 256
@@ -124,6 +124,9 @@ class FinetuneTask(Task):
                                  "(`synth import ... --val-ratio 0.15`), or set val_split=null; never on the "
                                  "split the models are compared on") from None
         self.subset = select_subset(list_keys(shards, cfg.train_split), cfg.train_samples, cfg.seed)
+        if cfg.synthetic_shards:  # co-training: their classes mapped onto the target's (class_map)
+            self.syn_classes = make_dataset(cfg.synthetic_shards, cfg.train_split).classes
+            self.syn_lut = class_lut(classes, self.syn_classes, cfg.class_map)
         model, self.mcfg = build_segmenter(cfg, classes)
         self.init_report = None
         if cfg.init is not None:
@@ -143,6 +146,9 @@ class FinetuneTask(Task):
                 if report else None,
                 "frozen": len(frozen), "class_weights": weights or cfg.class_weights,
                 "train_samples": len(self.subset) if self.subset is not None else None, "subset": self.subset,
+                "synthetic": {"shards": cfg.synthetic_shards, "ratio": cfg.synthetic_ratio,
+                              "classes": dict(zip(self.syn_classes, (int(v) for v in self.syn_lut), strict=False))}
+                if cfg.synthetic_shards else None,
                 "model": self.mcfg}, indent=2) + "\n")
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
@@ -151,11 +157,17 @@ class FinetuneTask(Task):
 
     def loader(self, run: Run, epoch: int, batches: int):
         cfg = self.cfg
-        return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
-                            batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
-                            defect_crop=cfg.defect_crop,
-                            keys=self.subset)
+        k = round(cfg.synthetic_ratio * cfg.batch_size) if cfg.synthetic_shards else 0
+        common = dict(img_size=cfg.crop_size, batches=batches, world_size=run.accelerator.num_processes,
+                      num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, epoch=epoch,
+                      defect_crop=cfg.defect_crop)
+        target = train_loader(self.shards, cfg.train_split, batch_size=cfg.batch_size - k, seed=cfg.seed,
+                              classes=self.classes, keys=self.subset, **common)
+        if not k:
+            return target
+        synthetic = train_loader(cfg.synthetic_shards, cfg.train_split, batch_size=k, seed=cfg.seed + 7919,
+                                 classes=self.syn_classes, **common)
+        return (co_batch(a, b, self.syn_lut) for a, b in zip(target, synthetic, strict=False))
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         images, masks = augment_batch(self.aug, *to_device(batch, run.accelerator.device))
@@ -170,6 +182,13 @@ class FinetuneTask(Task):
     def summary(self, run: Run, done: bool) -> dict:
         return {"model": str(run.run_dir / "model.safetensors") if done else None,
                 "init": self.init_report and {k: len(v) for k, v in self.init_report.items()}}
+
+
+def co_batch(target: dict, synthetic: dict, lut: torch.Tensor) -> dict:
+    """One co-training batch: the target samples, then the synthetic ones with their masks mapped by `lut`."""
+    return {"image": torch.cat([target["image"], synthetic["image"]]),
+            "mask": torch.cat([target["mask"], lut[synthetic["mask"].long()].to(target["mask"].dtype)]),
+            "key": target["key"] + synthetic["key"]}
 
 
 def train(cfg: FinetuneConfig, shards: str, run_dir: str | Path, *, progress: bool = True) -> dict:

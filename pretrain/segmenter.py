@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
                  "PAN", "Linknet", "MAnet", "Segformer")
 LOSSES = ("ce", "ce_dice", "focal", "focal_dice")
+IGNORE = 255  # mask value the losses skip
 
 
 @dataclass
@@ -222,7 +223,8 @@ def auto_class_weights(shards: str, split: str, classes: list[str], keys: list[s
 
 
 class SegLoss(torch.nn.Module):
-    """Cross-entropy (optionally class-weighted) or focal, plus Dice over the classes when asked."""
+    """Cross-entropy (optionally class-weighted) or focal, plus Dice over the classes when asked; mask pixels
+    of value `IGNORE` (a co-training class with no target class) count in none of them."""
 
     def __init__(self, cfg: SegmentationKeys, num_values: int, weights: list[float] | None = None):
         super().__init__()
@@ -235,8 +237,9 @@ class SegLoss(torch.nn.Module):
                                   f"{num_values} classes (background first)")
             weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
         self.register_buffer("weight", weight)
-        self.focal = FocalLoss(mode="multiclass") if cfg.loss.startswith("focal") else None
-        self.dice = DiceLoss(mode="multiclass", from_logits=True) if cfg.loss.endswith("dice") else None
+        self.focal = FocalLoss(mode="multiclass", ignore_index=IGNORE) if cfg.loss.startswith("focal") else None
+        self.dice = DiceLoss(mode="multiclass", from_logits=True, ignore_index=IGNORE) \
+            if cfg.loss.endswith("dice") else None
         self.dice_weight = cfg.dice_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -245,7 +248,8 @@ class SegLoss(torch.nn.Module):
         logits = logits.float()
         hard = target.argmax(1) if target.is_floating_point() else target
         main = self.focal(logits, hard) if self.focal is not None else F.cross_entropy(logits, target,
-                                                                                        weight=self.weight)
+                                                                                        weight=self.weight,
+                                                                                        ignore_index=IGNORE)
         out = {"loss": main, "ce" if self.focal is None else "focal": main}
         if self.dice is not None:
             dice = self.dice(logits, hard)

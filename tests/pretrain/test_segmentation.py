@@ -146,3 +146,54 @@ def test_a_cnn_segmentation_run_transfers_and_a_different_decoder_is_reinitialis
     fpn, mcfg = build_segmenter(load_config(FinetuneConfig, None, {**unet, "architecture": "FPN"}), ["background"])
     other = load_init(fpn, run, mcfg)
     assert other["decoder_loaded"] == [] and "Unet" in other["reinitialised"]["decoder and head"]
+
+
+def test_co_training_batches_hold_the_configured_share_with_mapped_classes(shards, tmp_path):
+    from defectforge.reader import list_keys
+    from finetune.models import class_lut
+    from finetune.train import FinetuneTask, co_batch
+    from pretrain.segmenter import IGNORE
+
+    mine = _real_folder(tmp_path / "mine", ["defect", "dent"])
+    lut = class_lut(["background", "defect", "dent"], SYNTH, {"defect": ["crack", "scratch"]})
+    assert lut[:6].tolist() == [0, 1, 1, IGNORE, IGNORE, IGNORE]  # pit, stain, chip: no target class
+    cfg = load_config(FinetuneConfig, None, {**FAST, "batch_size": 4, "synthetic_shards": str(shards),
+                                             "synthetic_ratio": 0.25, "class_map": {"defect": ["crack", "scratch"]}})
+    task = FinetuneTask(cfg, str(mine))
+    task.classes, task.subset, task.syn_classes, task.syn_lut = ["background", "defect", "dent"], None, SYNTH, lut
+
+    class _Acc:
+        num_processes = 1
+
+    class _Run:
+        accelerator = _Acc()
+
+    synthetic_keys = set(list_keys(str(shards), "train"))
+    batches = list(task.loader(_Run(), epoch=0, batches=3))
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].shape == (4, 64, 64)
+        assert [k in synthetic_keys for k in batch["key"]] == [False, False, False, True]  # 1 of 4 synthetic
+        assert set(batch["mask"][:3].unique().tolist()) <= {0, 1, 2}
+        assert set(batch["mask"][3].unique().tolist()) <= {0, 1, IGNORE}
+    plain = co_batch({"image": torch.zeros(1, 3, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.uint8), "key": ["a"]},
+                     {"image": torch.ones(1, 3, 2, 2), "mask": torch.tensor([[[1, 2], [3, 0]]], dtype=torch.uint8),
+                      "key": ["b"]}, lut)
+    assert plain["mask"][1].tolist() == [[1, 1], [IGNORE, 0]] and plain["key"] == ["a", "b"]
+    # the loss skips IGNORE pixels: a logit map that is right everywhere else has the same loss
+    from pretrain.segmenter import SegLoss
+    loss = SegLoss(cfg, 3)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    logits = torch.zeros(1, 3, 4, 4)
+    logits[:, 0] = 5.0
+    marked = target.clone()
+    marked[0, 0, 0] = IGNORE
+    wrong = logits.clone()
+    wrong[0, :, 0, 0] = torch.tensor([-5.0, 5.0, 0.0])  # wrong at the ignored pixel only
+    assert torch.allclose(loss(wrong, marked)["ce"], loss(logits, target)["ce"], atol=1e-6)
+    # and the command: a short co-training run records what it mixed in
+    unet = {**FAST, "model": "resnet18", "architecture": "Unet", "max_steps": 2, "val_every": 2, "checkpoint_every": 2,
+            "synthetic_shards": str(shards), "class_map": {"defect": ["crack", "scratch"]}}
+    assert finetune(load_config(FinetuneConfig, None, unet), str(mine), tmp_path / "co", progress=False)["step"] == 2
+    info = json.loads((tmp_path / "co/run_info.json").read_text())["synthetic"]
+    assert info["ratio"] == 0.25 and info["classes"]["scratch"] == 1 and info["classes"]["pit"] == IGNORE
