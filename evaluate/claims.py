@@ -2,8 +2,11 @@
 
 Each claim is supported, not supported, inconclusive or not measured, with its evidence; `report.py` only
 renders them. Rules (docs/evaluate.md, "The claims"):
-- a claim that involves a model that did not learn is "inconclusive: <run> did not learn": the models a claim
-  involves are every model it picks from (e.g. every CNN and every ViT for "CNNs are faster");
+- a claim picks its models from those that learned: within each family (CNN, ViT, ViT-Hybrid, Swin) a model
+  that did not learn takes part only when no model of its family learned (`_learned_first`); a claim that
+  then involves a model that did not learn is "inconclusive: <run> did not learn" (the models a claim
+  involves are every model it picks from, e.g. every CNN and every ViT for "CNNs are faster"). Claims about a
+  named pair (pretrained vs the same model from scratch, diffusion data or not) pick from every model;
 - accuracy: a paired bootstrap over the evaluation images of the mIoU difference (`_better`);
 - speed and memory: medians of interleaved timed runs; the order counts only when the two models'
   interquartile ranges do not overlap (`_order`), and needs at least two runs each;
@@ -46,6 +49,13 @@ def _best(pool: list[ModelResult], key: Callable[[ModelResult], float]) -> Model
 def _of(results: list[ModelResult], families: tuple[str, ...] | str) -> list[ModelResult]:
     families = (families,) if isinstance(families, str) else families
     return [r for r in results if r.family in families]
+
+
+def _learned_first(results: list[ModelResult]) -> list[ModelResult]:
+    """Of the models a claim could pick from, those that learned, plus every model of a family in which none
+    did (that family then takes part, and `_gate` makes the claim inconclusive rather than not measured)."""
+    learned_families = {r.family for r in results if r.learned.learned}
+    return [r for r in results if r.learned.learned or r.family not in learned_families]
 
 
 def _better(a: ModelResult, b: ModelResult, what: str, margin: float) -> tuple[str, str]:
@@ -91,7 +101,7 @@ def memory_gb(t: Timing) -> list[float]:
 
 
 def _cost_claims(results: list[ModelResult]) -> list[Claim]:
-    timed = [r for r in results if r.cost is not None]
+    timed = _learned_first([r for r in results if r.cost is not None])
     cnns, vits = _of(timed, "CNN"), _of(timed, VIT)
     names = [r.name for r in cnns + vits]
     if not cnns or not vits:
@@ -121,8 +131,8 @@ def _accuracy(title: str, a: ModelResult | None, b: ModelResult | None, what: st
 
 def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
     out = []
-    pre_vits = [r for r in _of(results, VIT) if r.card.pretrained]
-    cnns = _of(results, "CNN")
+    pre_vits = _learned_first([r for r in _of(results, VIT) if r.card.pretrained])
+    cnns = _learned_first(_of(results, "CNN"))
     pv, cnn = _best(pre_vits, _miou), _best(cnns, _miou)
     out.append(_accuracy("Pretrained ViTs win on pixel accuracy", pv, cnn,
                          f"{pv.name if pv else ''} vs best CNN {cnn.name if cnn else ''}", pre_vits + cnns, margin,
@@ -134,12 +144,12 @@ def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
                          f"{p.name if p else ''} vs from scratch {s.name if s else ''}",
                          list({r.name: r for pair in pairs for r in pair}.values()), margin,
                          "needs the same ViT pretrained and from scratch"))
-    hybrids, plains = _of(results, "ViT-Hybrid"), _of(results, "ViT")
+    hybrids, plains = _learned_first(_of(results, "ViT-Hybrid")), _learned_first(_of(results, "ViT"))
     h, v = _best(hybrids, _miou), _best(plains, _miou)
     out.append(_accuracy("ViT-Hybrid (conv stem) improves mIoU", h, v, f"{h.name if h else ''} vs "
                          f"{v.name if v else ''}", hybrids + plains, margin, "needs a ViT-Hybrid and a plain ViT"))
     sizes = sorted({r.card.train_samples for r in results if r.card.train_samples is not None})
-    small = [r for r in results if sizes and r.card.train_samples == sizes[0]]
+    small = _learned_first([r for r in results if sizes and r.card.train_samples == sizes[0]])
     sc, sv = _best(_of(small, "CNN"), _miou), _best(_of(small, VIT), _miou)
     title = f"CNNs win with little data ({sizes[0]} training images)" if sizes else "CNNs win with little data"
     missing = "no reduced training set in this evaluation" if not sizes else \
@@ -156,7 +166,7 @@ def _loc_text(r: ModelResult) -> str:
 
 def _attention_claim(results: list[ModelResult]) -> Claim:
     title = "Attention maps localize defects better than Grad-CAM"
-    scored = [r for r in results if r.interpretability is not None and r.interpretability.images]
+    scored = _learned_first([r for r in results if r.interpretability is not None and r.interpretability.images])
     att = [r for r in scored if r.interpretability.method == "attention"]
     cam = [r for r in scored if r.interpretability.method == "grad-cam"]
     names = [r.name for r in att + cam]
@@ -181,7 +191,8 @@ def _seam_claim(results: list[ModelResult], overlap: float) -> Claim:
     """Each model tiled with overlap 0 and with `overlap`: an artefact at overlap 0 (error near seams over
     error elsewhere above SEAM_FREE) that the overlap brings to SEAM_FREE or below is removed."""
     title = "Tile overlap removes seam artifacts"
-    pool = [r for r in results if r.metrics.seam_ratio is not None and r.metrics.seam_ratio_no_overlap is not None]
+    pool = _learned_first([r for r in results
+                           if r.metrics.seam_ratio is not None and r.metrics.seam_ratio_no_overlap is not None])
     names = [r.name for r in pool]
     if overlap <= 0:
         return Claim(title, "not measured", "overlap is 0 in this evaluation: nothing to compare", names)
