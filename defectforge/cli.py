@@ -7,11 +7,20 @@ import argparse
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from defectforge.config import ConfigError, load_config
 from defectforge.shards import ShardError
 
 from .loop import NonFiniteLoss
+
+
+def split_overrides(values: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`key=value` tokens that argparse put into a list option (`--shards A tile_size=64`: nargs="+" takes
+    every following word) moved to the overrides; a token that is an existing path stays a path."""
+    paths = [v for v in values if "=" not in v or Path(v).exists()]
+    moved = [v for v in values if v not in paths]
+    return paths, [*moved, *overrides]
 
 
 def training_main(stage: str, doc: str, schema: type, train: Callable, example: str,
@@ -33,6 +42,8 @@ def training_main(stage: str, doc: str, schema: type, train: Callable, example: 
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     args = p.parse_args(argv)
+    if multi_shards:
+        args.shards, args.overrides = split_overrides(args.shards, args.overrides)
     try:
         cfg = load_config(schema, args.config, args.overrides)
         shards = args.shards[0] if multi_shards and len(args.shards) == 1 else args.shards

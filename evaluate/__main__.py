@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 
+from defectforge.cli import split_overrides
 from defectforge.config import ConfigError, load_config
 from defectforge.shards import ShardError
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("`python -m evaluate study` moved to `python -m study CONFIG [--out DIR] [key=value ...]`, e.g. "
                   "python -m study %s", shlex.join(args.rest) or "configs/study/quickstart.yaml")
         return 2
+    args.models, overrides = split_overrides(args.models, args.overrides)
+    args.shards, args.overrides = split_overrides(args.shards, overrides)
     try:
         from .config import EvalConfig
         from .run import evaluate
