@@ -78,8 +78,6 @@ def load_init(model: Segmenter, init: str | Path, mcfg: dict, class_map: dict | 
     report = dict(report)
     if segmentation_run:
         report.update(transfer_head(model, read_state_dict(weights), saved, mcfg, class_map))
-    elif class_map:
-        raise ValueError(f"key 'class_map': init {init} is not a segmentation run, so it has no head rows to map")
     return report
 
 

@@ -131,6 +131,9 @@ class FinetuneTask(Task):
         self.init_report = None
         if cfg.init is not None:
             self.init_report = load_init(model, cfg.init, self.mcfg, cfg.class_map)
+            if cfg.class_map and "classes" not in self.init_report and not cfg.synthetic_shards:
+                raise ConfigError(f"key 'class_map': init {cfg.init} is not a segmentation run and there are no "
+                                  "synthetic_shards, so nothing has classes to map")
             self.mcfg["init"] = str(cfg.init)
         frozen = freeze(model, cfg.freeze, self.mcfg["model"]) if cfg.freeze is not None else []
         weights = auto_class_weights(shards, cfg.train_split, classes, self.subset) \

@@ -113,7 +113,8 @@ def test_key_value_overrides_after_a_list_option_are_read_as_overrides(tmp_path)
     paths, overrides = split_overrides(["a", "tile_size=64", str(tmp_path / "odd=name")], ["blend=linear"])
     assert paths == ["a", str(tmp_path / "odd=name")] and overrides == ["tile_size=64", "blend=linear"]
     code, err = _run(["evaluate", "run", "--config", "configs/evaluate/default.yaml", "--models",
-                      str(tmp_path / "missing"), "tile_size=64", "--shards", str(tmp_path), "--out", str(tmp_path / "r")])
+                      str(tmp_path / "missing"), "tile_size=64", "--shards", str(tmp_path),
+                      "--out", str(tmp_path / "r")])
     assert code == 2 and "is not a finetune run" in err and "tile_size=64" not in err.split("is not")[0]
     code, err = _run(["pretrain", "--config", "configs/pretrain/quickstart.yaml", "--shards", str(tmp_path / "x"),
                       "max_step=3", "--out", str(tmp_path / "p")])

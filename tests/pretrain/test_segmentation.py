@@ -197,3 +197,19 @@ def test_co_training_batches_hold_the_configured_share_with_mapped_classes(shard
     assert finetune(load_config(FinetuneConfig, None, unet), str(mine), tmp_path / "co", progress=False)["step"] == 2
     info = json.loads((tmp_path / "co/run_info.json").read_text())["synthetic"]
     assert info["ratio"] == 0.25 and info["classes"]["scratch"] == 1 and info["classes"]["pit"] == IGNORE
+
+
+def test_class_map_with_a_classification_init_needs_synthetic_shards(shards, tmp_path):
+    cls_run = tmp_path / "cls"
+    pretrain(load_config(PretrainConfig, None, {**FAST, "model": "vit_tiny", "model_kwargs": SMALL_VIT,
+                                                "max_steps": 1, "warmup_steps": 0, "checkpoint_every": 1,
+                                                "val_split": None}),
+             str(shards), cls_run, progress=False)
+    mine = _real_folder(tmp_path / "mine", ["defect"])
+    base = {**FAST, "model": "vit_tiny", "encoder_kwargs": SMALL_VIT, "init": str(cls_run), "max_steps": 1,
+            "warmup_steps": 0, "val_every": 1, "checkpoint_every": 1, "class_map": {"defect": ["crack", "pit"]}}
+    with pytest.raises(ConfigError, match="not a segmentation run and there are no synthetic_shards"):
+        finetune(load_config(FinetuneConfig, None, base), str(mine), tmp_path / "a", progress=False)
+    with_shards = {**base, "synthetic_shards": str(shards)}  # then class_map maps the co-training classes
+    assert finetune(load_config(FinetuneConfig, None, with_shards), str(mine), tmp_path / "b",
+                    progress=False)["step"] == 1
