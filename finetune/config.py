@@ -18,7 +18,7 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
     # architecture, decoder_kwargs, output_stride and the loss keys: SegmentationKeys (pretrain/segmenter.py)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
-    class_map: dict[str, Any] | None = None  # segmentation init: {target class: its pretraining class(es)}
+    class_map: dict[str, Any] | None = None  # {target class: source class(es)}: init head rows, synthetic_shards
     freeze: int | None = None  # freeze the stem/patch embedding and the first `freeze` blocks or stages
     # data (and the TrainingKeys' train_split, num_workers, ...)
     val_split: str | None = "val"  # never the reported split: import train/test data with --val-ratio, or null
