@@ -28,8 +28,12 @@ from defectforge.shards import (
     INFO_NAME,
     TMP_SUFFIX,
     Sample,
+    ShardError,
     ShardRecord,
+    decode_raw,
     encode_sample,
+    iter_raw_samples,
+    read_folder_info,
     sha256_file,
     shard_name,
     write_info,
@@ -172,6 +176,12 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
     mine = [p for j, p in enumerate(plan) if j % world == rank]
     for p in mine:  # leftovers of a killed run: never complete, so never trusted
         (out / (p.filename + TMP_SUFFIX)).unlink(missing_ok=True)
+    recorded = _recorded_digests(out)
+    for p in mine:  # shards of an earlier run are kept only when they are still what was written
+        problem = _kept_shard_problem(out / p.filename, p, recorded.get(p.filename))
+        if problem:
+            log.warning("rank %d: %s %s: writing it again", rank, out / p.filename, problem)
+            (out / p.filename).unlink()
     todo = [p for p in mine if not (out / p.filename).exists()]
     kept = len(mine) - len(todo)
     if kept:
@@ -194,6 +204,34 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
         info = _write_info(cfg, out, plan, records)
     barrier()
     return info
+
+
+def _recorded_digests(out: Path) -> dict[str, str]:
+    """sha256 per shard name from the `_info.json` of an earlier complete run in `out` ({} without one)."""
+    try:
+        info = read_folder_info(out)
+    except ShardError:
+        return {}
+    return {name: digest for entry in info["splits"].values() for name, digest in (entry.get("sha256") or {}).items()}
+
+
+def _kept_shard_problem(path: Path, plan: ShardPlan, digest: str | None) -> str | None:
+    """Why the existing shard at `path` cannot be kept (None: keep it, or it does not exist). With a recorded
+    sha256 the file must match it; without one (the first run was killed before writing `_info.json`) it is
+    read again: the planned keys in order, each sample decodable."""
+    if not path.exists():
+        return None
+    if digest is not None:
+        return None if sha256_file(path) == digest else "differs from the sha256 recorded in _info.json"
+    expected = [sample_key(i) for i in range(plan.start, plan.stop)]
+    try:
+        keys = []
+        for raw in iter_raw_samples(path):
+            decode_raw(raw)
+            keys.append(raw["__key__"])
+    except Exception as err:  # a truncated tar, a damaged member: any failure means "write it again"
+        return f"cannot be read ({type(err).__name__}: {str(err)[:200]})"
+    return None if keys == expected else f"holds {len(keys)} samples, not the planned {len(expected)}"
 
 
 def _counting(samples, bar):

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -112,6 +113,32 @@ def test_resume_after_interruption_keeps_complete_shards(tmp_path, monkeypatch):
     keys = [raw["__key__"] for _, _, raw in all_samples(tmp_path / "ds")]
     assert sorted(keys) == [f"{i:08d}" for i in range(10)]
     assert not list((tmp_path / "ds").glob("*.tmp"))
+
+
+def test_resume_writes_damaged_kept_shards_again(tmp_path, caplog):
+    """A shard damaged after it was written is not kept: against the sha256 of the earlier _info.json, or, when
+    the first run died before writing one, by reading it again; the rerun is byte-identical to a clean run."""
+    reference = make_shards(tmp_path / "ref")
+    ds = tmp_path / "ds"
+    make_shards(ds)
+    shard = ds / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a member: still a tar of the same length
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="synth.generate"):
+        info = make_shards(ds)
+    assert "train-000001.tar differs from the sha256 recorded" in caplog.text
+    assert info["splits"] == reference["splits"]
+    assert shard.read_bytes() == (tmp_path / "ref" / "train-000001.tar").read_bytes()
+
+    (ds / "_info.json").unlink()  # as after a run killed before the end: no digest recorded
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # truncated
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synth.generate"):
+        info = make_shards(ds)
+    assert "train-000001.tar cannot be read" in caplog.text
+    assert info["splits"] == reference["splits"]
 
 
 def test_rerun_with_another_config_is_refused(tmp_path):
