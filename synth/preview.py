@@ -19,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from defectforge.files import write_atomic
+from defectforge.reader import verify_folder
 from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_folder_info, split_files
 from defectforge.tracking import class_colors
 
@@ -150,10 +151,17 @@ def _write_png(data: bytes, out_png: Path) -> Path:
 
 def _iter_meta(path: Path) -> Iterator[dict]:
     """The `json` member of each sample of one shard; the tar reader seeks past images without decoding."""
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json") and "." not in member.name[:-5]:
-                yield json.loads(tar.extractfile(member).read())
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json") and "." not in member.name[:-5]:
+                    try:
+                        yield json.loads(tar.extractfile(member).read())
+                    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                        raise ShardError(f"shard {path}: member {member.name} is not valid UTF-8 JSON "
+                                         f"({err})") from None
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"shard {path} cannot be read as a tar ({type(err).__name__}: {err})") from None
 
 
 def _distribution(areas: list[int]) -> dict:
@@ -170,6 +178,7 @@ def stats(folder: str | Path) -> dict:
     areas: dict[str, list[int]] = defaultdict(list)
     result: dict = {"name": info.get("name"), "source": info.get("source"), "classes": classes, "splits": {}}
     for split in info["splits"]:
+        verify_folder(folder, split, info, allow=False)  # every listed shard present, with its recorded sha256
         files = split_files(folder, split, info)
         sizes = [f.stat().st_size for f in files]
         per_class = {c: {"images": 0, "instances": 0, "pixels": 0} for c in classes[1:]}

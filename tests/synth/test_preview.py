@@ -172,3 +172,40 @@ def test_pick_is_deterministic_and_bounded():
     a = _pick(info, "train", 16, seed=5)
     assert a == _pick(info, "train", 16, seed=5) and len(a) == 16 and max(a) < 64
     assert _pick(info, "train", 16, seed=6) != a
+
+
+def test_stats_on_damaged_shards_names_the_shard(tiny, tmp_path, caplog):
+    """A truncated tar, a json member that is not UTF-8 and a missing shard: exit 2 with one line naming the
+    shard (not a tarfile or Unicode traceback)."""
+    import shutil
+    import tarfile
+
+    from synth.__main__ import main
+
+    def damaged(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tiny, folder)
+        info = json.loads((folder / "_info.json").read_text())
+        info["splits"]["train"]["sha256"] = {}  # no digest: the reading itself must find the damage
+        (folder / "_info.json").write_text(json.dumps(info))
+        change(folder / "train-000000.tar")
+        return folder
+
+    def truncate(shard: Path) -> None:
+        shard.write_bytes(shard.read_bytes()[:700])
+
+    def bad_json(shard: Path) -> None:
+        data = bytearray(shard.read_bytes())
+        with tarfile.open(shard) as tar:
+            member = next(m for m in tar if m.name.endswith(".json"))
+        data[member.offset_data:member.offset_data + 2] = b"\xff\xfe"
+        shard.write_bytes(bytes(data))
+
+    for folder, expected in [(damaged("truncated", truncate), "cannot be read as a tar"),
+                             (damaged("badjson", bad_json), "is not valid UTF-8 JSON"),
+                             (damaged("missing", Path.unlink), "shard train-000000.tar is missing")]:
+        caplog.clear()
+        assert main(["stats", str(folder)]) == 2
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and not errors[0].exc_info, caplog.text  # one line, no traceback
+        assert "train-000000.tar" in errors[0].getMessage() and expected in errors[0].getMessage()
