@@ -33,7 +33,7 @@ class OutputError(ValueError):
 
 def is_own_output(folder: Path) -> bool:
     """`folder` was written by this project: it holds the marker (or an earlier version's output files)."""
-    if (folder / MARKER).is_file():
+    if (folder / MARKER).is_file() or (folder / (MARKER + TMP_SUFFIX)).is_file():  # or killed while claiming it
         return True
     return any(all((folder / name).exists() for name in names) for names in _LEGACY.values())
 

@@ -38,6 +38,9 @@ def test_claim_output_accepts_new_empty_and_own_folders_and_refuses_the_users(tm
     (tmp_path / "empty").mkdir()
     claim_output(tmp_path / "empty", "run")
     claim_output(tmp_path / "empty", "run")  # its own folder again (resume)
+    (tmp_path / "killed").mkdir()  # killed while its marker was being written (found by tests/study)
+    (tmp_path / "killed" / (MARKER + ".tmp")).write_text("")
+    assert (claim_output(tmp_path / "killed", "shards") / MARKER).is_file()
     with pytest.raises(OutputError, match=r"holds files this project did not write \(config.yaml, notes.txt\)"):
         claim_output(users_folder, "run")
     _untouched(users_folder)
