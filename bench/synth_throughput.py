@@ -6,6 +6,9 @@ measured in this run, in one process each, so the ratio means something on a sha
   of the same images already rendered in memory (the floor no generator can beat). Target at 512: ratio >= 0.5.
 - `reader_<size>`: images/s of `make_dataset` (tar read + decode to tensors), reference: bare PIL decode of
   the same image and mask bytes from memory.
+- `sha256_check_<size>`: images/s of the once-per-process check of a local folder against `_info.json`
+  (`verify_folder`: every shard hashed), reference: the reader's images/s; a ratio well above 1 means the
+  check costs a small part of one reading pass.
 
 Usage: python bench/synth_throughput.py [--sizes 256 512 2160x3840] [--n 64] [--format jpg]
 """
@@ -23,8 +26,8 @@ from common import emit
 from PIL import Image
 
 from defectforge.config import load_config
-from defectforge.reader import make_dataset
-from defectforge.shards import encode_sample, iter_raw_samples, write_shard
+from defectforge.reader import make_dataset, verify_folder
+from defectforge.shards import encode_sample, iter_raw_samples, read_folder_info, write_shard
 from synth.compose import render_sample
 from synth.config import SynthConfig
 from synth.generate import generate, sample_key
@@ -57,10 +60,15 @@ def run(size: list[int], n: int, fmt: str, workdir: Path) -> None:
         np.asarray(Image.open(io.BytesIO(raw[fmt])).convert("RGB"))
         np.asarray(Image.open(io.BytesIO(raw["mask.png"])))
     decode_rate = n / (time.perf_counter() - t0)
+    folder = workdir / f"gen-{label}"
     t0 = time.perf_counter()
-    count = sum(1 for _ in make_dataset(workdir / f"gen-{label}", "train"))
+    verify_folder(folder, "train", read_folder_info(folder))  # hashes every shard (then cached in this process)
+    check_rate = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    count = sum(1 for _ in make_dataset(folder, "train"))
     read_rate = count / (time.perf_counter() - t0)
     emit(f"reader_{label}_{fmt}", read_rate, "img/s", decode_rate, reference_name="bare PIL decode from memory")
+    emit(f"sha256_check_{label}_{fmt}", check_rate, "img/s", read_rate, reference_name="reader (make_dataset)")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from defectforge.config import ConfigError, save_config, to_dict
 
 from .files import claim_output, write_atomic
+from .reader import allow_damaged, damage_found
 from .tracking import MetricsLog, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,8 @@ class Run:
     def __init__(self, cfg: Any, run_dir: str | Path, *, job_type: str):
         self.cfg, self.run_dir, self.job_type = cfg, Path(run_dir), job_type
         self.accelerator = make_accelerator(cfg, self.run_dir)
+        allow_damaged(cfg.allow_damaged)  # the shard readers' policy for this process (defectforge/reader.py)
+        self._damage_noted: dict[str, dict | None] = {"run_info": None, "metrics": None}
         if self.accelerator.is_main_process:
             claim_output(self.run_dir, "run")  # never a folder of the user's own files
         self.resume_from = resolve_resume(cfg, self.run_dir)
@@ -270,6 +273,22 @@ class Run:
         if acc.is_main_process:
             self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
                                       resume_step=self.state.step if self.resume_from else None)
+
+    def note_damage(self, step: int | None = None) -> None:
+        """With `allow_damaged`: write what the readers left out so far into run_info.json ("data_damage") and,
+        given the `step` (the metrics log is open), into metrics.jsonl ("skipped_samples"); each only when it
+        changed, and nothing at all when the data was whole."""
+        damage = damage_found()
+        if damage is None or not self.accelerator.is_main_process:
+            return
+        if damage != self._damage_noted["run_info"]:
+            path = self.run_dir / "run_info.json"
+            info = json.loads(path.read_text()) if path.is_file() else {}
+            write_atomic(path, json.dumps({**info, "data_damage": damage}, indent=2))
+            self._damage_noted["run_info"] = damage
+        if step is not None and damage != self._damage_noted["metrics"]:
+            self.record({"skipped_samples": damage["skipped_samples"]}, step)
+            self._damage_noted["metrics"] = damage
 
     def record(self, values: dict, step: int) -> None:
         if self.metrics is not None:

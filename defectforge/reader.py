@@ -14,6 +14,14 @@ shard and keeps every n-th sample, so no reader idles and none sees a sample twi
 (`resampled=True`) streams endless passes over the shards, each pass in a fresh order seeded by `(seed, pass)`,
 dealt to the readers the same way (so readers see disjoint samples within a pass), and stops each reader
 after its share of a fixed epoch length, so every rank runs the same number of steps and none waits.
+
+What is read is compared with `_info.json` (docs/reliability.md, "damaged data"): a local folder's shards are
+checked once per process before any sample is read (every listed shard present, its sha256 the recorded one),
+and every reader counts the samples of each shard against the recorded `shard_lengths` (the only check a remote
+location gets). A damaged shard, a short shard or an undecodable sample is a `ShardError` naming the shard (and
+the sample key), unless damage is allowed (`allow_damaged(True)`, the commands' `allow_damaged=true`): then
+damaged local shards are left out whole, undecodable samples are skipped, and both are counted
+(`damage_found`, `dataset.skipped`).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import random
 import subprocess
 import urllib.request
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +42,109 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import make_seed, pytorch_worker_info
 
-from .shards import IMAGE_EXTS, INFO_NAME, ShardError, parse_info, read_folder_info
+from .shards import IMAGE_EXTS, INFO_NAME, ShardError, parse_info, read_folder_info, sha256_file
 
 log = logging.getLogger(__name__)
+
+_ALLOW_DAMAGED = False  # the process's policy, set by each command from its allow_damaged key
+_VERIFIED: dict[tuple, list[str]] = {}  # (folder, split, (name, size, mtime) of each shard) -> shards kept
+
+
+def allow_damaged(flag: bool) -> None:
+    """Set this process's policy, False (the default) failing on damaged data and True leaving it out and
+    counting it, and start a fresh count (`damage_found`): each command (a training run, an evaluation) calls
+    this before it reads data."""
+    global _ALLOW_DAMAGED
+    _ALLOW_DAMAGED = bool(flag)
+    _DAMAGE.clear()
+
+
+@dataclass
+class Damage:
+    """What was left out of one split of one local folder: the problems found and their samples."""
+
+    location: str
+    split: str
+    problems: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+_DAMAGE: dict[tuple[str, str], Damage] = {}  # damage let through in this process, per (folder, split)
+
+
+def damage_found() -> dict | None:
+    """The damage let through in this process (only with `allow_damaged(True)`): {"skipped_samples": N,
+    "problems": ["<folder> [<split>]: <problem>", ...]}, or None when every shard read was whole."""
+    if not _DAMAGE:
+        return None
+    return {"skipped_samples": sum(d.skipped for d in _DAMAGE.values()),
+            "problems": [f"{d.location} [{d.split}]: {p}" for d in _DAMAGE.values() for p in d.problems]}
+
+
+def _damage_error(where: str, problems: list[str]) -> ShardError:
+    return ShardError(f"{where}: {'; '.join(problems)}. The data no longer matches its _info.json: write it again "
+                      "(synth generate / synth import), or pass allow_damaged=true to leave the damaged shards out "
+                      "(their samples are counted as skipped)")
+
+
+def verify_folder(folder: str | Path, split: str, info: dict, allow: bool | None = None) -> list[str]:
+    """The shard names of `split` in the local shard `folder` that match `_info.json`: each listed shard must
+    exist with the recorded sha256 (a shard without a recorded digest only has its samples counted as read).
+    A mismatch is a `ShardError` naming the shard, unless damage is allowed (`allow`, default: the process's
+    policy): then the damaged shards are left out and their recorded samples counted (`damage_found`).
+    Checked once per process and state of the files."""
+    allow = _ALLOW_DAMAGED if allow is None else allow
+    folder = Path(folder)
+    entry = info["splits"][split]
+    names = list(entry["filenames"])
+    lengths = list(entry.get("shard_lengths") or [None] * len(names))
+    stamps = tuple((n, *_stamp(folder / n)) for n in names)
+    cache = (str(folder.resolve()), split, stamps)
+    if cache not in _VERIFIED:
+        _VERIFIED[cache] = _verify(folder, split, names, lengths, entry)
+    kept, problems, skipped = _VERIFIED[cache]
+    if problems and not allow:
+        raise _damage_error(f"'{folder}' split '{split}'", problems)
+    if problems and (str(folder), split) not in _DAMAGE:
+        log.warning("'%s' split '%s': %s; left out (allow_damaged): %d samples skipped", folder, split,
+                    "; ".join(problems), skipped)
+        _DAMAGE[(str(folder), split)] = Damage(str(folder), split, problems, skipped)
+    return list(kept)
+
+
+def _verify(folder: Path, split: str, names: list[str], lengths: list, entry: dict) -> tuple[list[str], list[str], int]:
+    """(shards kept, problems, samples of the shards left out) of one split of a local folder."""
+    digests = entry.get("sha256") or {}
+    problems, kept, skipped = [], [], 0
+    if len(lengths) != len(names):
+        raise ShardError(f"{folder / INFO_NAME}: split '{split}' lists {len(names)} shards but {len(lengths)} "
+                         "shard_lengths")
+    declared = entry.get("num_samples")
+    if declared is not None and all(n is not None for n in lengths) and declared != sum(lengths):
+        raise ShardError(f"{folder / INFO_NAME}: split '{split}' declares {declared} samples but its shard_lengths "
+                         f"add up to {sum(lengths)}")
+    for name, length in zip(names, lengths, strict=True):
+        path = folder / name
+        problem = None
+        if not path.is_file():
+            problem = f"shard {name} is missing"
+        elif name in digests and sha256_file(path) != digests[name]:
+            problem = f"shard {name} differs from the sha256 recorded when it was written (damaged or changed)"
+        if problem is None:
+            kept.append(name)
+        else:
+            problems.append(problem)
+            skipped += length or 0
+    return kept, problems, skipped
+
+
+def _stamp(path: Path) -> tuple[int | None, int | None]:
+    """(size, mtime) of a file, (None, None) when it is missing: a changed shard is verified again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
 
 
 def read_location_info(location: str | Path) -> dict:
@@ -59,16 +168,24 @@ def resolve_shards(location: str | Path | list[str], split: str | None = None) -
 
     A list is either shard URLs/patterns (no `_info.json`), or several dataset folders (or `_info.json`
     locations) read as one: their classes must be equal, and the info returned is the first one's with
-    `sources` (every folder's `source`) and `locations` added.
+    `sources` (every folder's `source`) and `locations` added. A local folder's shards are checked against its
+    `_info.json` first (`verify_folder`).
     """
+    urls, info, _ = _resolve(location, split)
+    return urls, info
+
+
+def _resolve(location: str | Path | list[str], split: str | None) -> tuple[list[str], dict | None, dict[str, int]]:
+    """`resolve_shards` plus the recorded sample count of each shard URL (those `_info.json` lists)."""
     if isinstance(location, (list, tuple)):
         if len(location) == 1:
-            return resolve_shards(location[0], split)
-        resolved = [resolve_shards(item, split) for item in location]
-        infos = [info for _, info in resolved]
-        urls = [u for found, _ in resolved for u in found]
+            return _resolve(location[0], split)
+        resolved = [_resolve(item, split) for item in location]
+        infos = [info for _, info, _ in resolved]
+        urls = [u for found, _, _ in resolved for u in found]
+        lengths = {u: n for _, _, found in resolved for u, n in found.items()}
         if all(info is None for info in infos):
-            return urls, None
+            return urls, None, lengths
         if any(info is None for info in infos):
             raise ShardError(f"cannot read {list(map(str, location))} as one dataset: some have an _info.json and "
                              "some do not")
@@ -79,43 +196,79 @@ def resolve_shards(location: str | Path | list[str], split: str | None = None) -
                                  f"{first['classes']} != {info['classes']}")
         merged = {**first, "sources": [info.get("source") for info in infos],
                   "locations": [str(item) for item in location]}
-        return urls, merged
+        return urls, merged, lengths
     loc = str(location)
     is_dir = Path(loc).is_dir()
     if not is_dir and INFO_NAME not in loc:
         urls = list(wds.shardlists.expand_urls(loc))
         if not urls:
             raise ShardError(f"shard location '{loc}' expands to no shard")
-        return urls, None
+        return urls, None, {}
     info = read_location_info(loc)
     splits = info["splits"]
     split = split or next(iter(splits))
     if split not in splits:
         raise ShardError(f"split '{split}' not found at '{loc}'; it has: {', '.join(splits) or 'none'}")
     names = splits[split]["filenames"]
-    if is_dir:
-        return [str(Path(loc) / n) for n in names], info
-    at = loc.rfind(INFO_NAME)
-    return [loc[:at] + n + loc[at + len(INFO_NAME):] for n in names], info
+    recorded = dict(zip(names, splits[split].get("shard_lengths") or [], strict=False))
+    local = Path(loc) if is_dir else Path(loc).parent if Path(loc).is_file() else None
+    if local is not None:
+        names = verify_folder(local, split, info)
+        urls = [str(local / n) for n in names]
+    else:
+        at = loc.rfind(INFO_NAME)
+        urls = [loc[:at] + n + loc[at + len(INFO_NAME):] for n in names]
+    return urls, info, {u: recorded[n] for u, n in zip(urls, names, strict=True) if n in recorded}
 
 
 def list_keys(location: str | Path | list[str], split: str | None = None) -> list[str]:
     """Every sample key of `split`, in shard order (reads the shards, without decoding)."""
     urls, _ = resolve_shards(location, split)
-    samples = wds.tarfile_to_samples(handler=SkipCounter())(iter({"url": u} for u in urls))
-    return [sample["__key__"] for sample in samples]
+    counter = SkipCounter(strict=not _ALLOW_DAMAGED)
+    return [sample["__key__"] for url in urls for sample in _shard_samples(url, counter, None)]
 
 
 class SkipCounter:
-    """Counts and logs samples that could not be read, per reader process."""
+    """What one reader process could not read. Strict (damage not allowed): a `ShardError` naming the shard and
+    the sample; otherwise counted and logged with the same names."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.count = 0
+        self.strict = strict
 
-    def __call__(self, exn: Exception) -> bool:
-        self.count += 1
-        log.warning("skipping unreadable data (%d so far in this reader): %r", self.count, exn)
-        return True  # keep going
+    def skip(self, where: str, reason: str, samples: int = 1) -> None:
+        if self.strict:
+            raise ShardError(f"{where}: {reason} (pass allow_damaged=true to skip damaged data and count it)")
+        self.count += samples
+        log.warning("skipping %s: %s (%d skipped so far in this reader)", where, reason, self.count)
+
+    def for_shard(self, url: str) -> Callable[[Exception], bool]:
+        """A webdataset handler for errors while reading the tar at `url`."""
+        def handler(exn: Exception) -> bool:
+            self.skip(f"shard {url}", _describe(exn))
+            return True
+        return handler
+
+    def __call__(self, exn: Exception) -> bool:  # a handler where the shard is not known (key listing)
+        self.skip("a shard", _describe(exn))
+        return True
+
+
+def _describe(exn: Exception) -> str:
+    """`Type: message` without the raw bytes or stream objects webdataset appends to an exception's args."""
+    text = next((a for a in exn.args if isinstance(a, str)), "")
+    text = text.split(" @ <")[0]  # webdataset appends " @ <stream object>"
+    return f"{type(exn).__name__}: {text[:300]}" if text else type(exn).__name__
+
+
+def _shard_samples(url: str, counter: SkipCounter, expected: int | None) -> Iterator[dict]:
+    """The raw samples of one shard, then its sample count compared with the recorded one."""
+    found = 0
+    for sample in wds.tarfile_to_samples(handler=counter.for_shard(url))(iter([{"url": url}])):
+        found += 1
+        yield sample
+    if expected is not None and found != expected:
+        counter.skip(f"shard {url}", f"{found} samples read, _info.json records {expected}", max(expected - found, 0))
 
 
 def decode_sample(sample: dict, num_classes: int, compact: bool = False) -> dict:
@@ -154,27 +307,33 @@ def _safe_map(fn: Callable[[dict], dict], counter: SkipCounter):
         for sample in src:
             try:
                 yield fn(sample)
-            except Exception as exn:  # a corrupt sample is skipped and counted, not fatal
-                counter(exn)
+            except ShardError as exn:  # already names the sample and its shard
+                counter.skip("a sample", str(exn))
+            except Exception as exn:  # a corrupt sample: skipped and counted, or fatal when strict
+                counter.skip(f"sample '{sample.get('__key__') or sample.get('key')}'"
+                             f"{' of ' + sample['__url__'] if '__url__' in sample else ''}", _describe(exn))
     return stage
 
 
 class _EvalSource(torch.utils.data.IterableDataset):
     """Every sample once over all (rank, worker) readers; see the module docstring."""
 
-    def __init__(self, urls: list[str], handler: SkipCounter):
+    def __init__(self, urls: list[str], handler: SkipCounter, lengths: dict[str, int] | None = None):
         self.urls = urls
         self.handler = handler
+        self.lengths = lengths or {}
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = pytorch_worker_info()
         reader, readers = rank * num_workers + worker, world * num_workers
         by_shard = len(self.urls) >= readers
         shards = self.urls[reader::readers] if by_shard else self.urls
-        samples = wds.tarfile_to_samples(handler=self.handler)(iter({"url": u} for u in shards))
-        for i, sample in enumerate(samples):
-            if by_shard or i % readers == reader:
-                yield sample
+        i = 0
+        for url in shards:
+            for sample in _shard_samples(url, self.handler, self.lengths.get(url)):
+                if by_shard or i % readers == reader:
+                    yield sample
+                i += 1
 
 
 class _CyclicSource(torch.utils.data.IterableDataset):
@@ -182,12 +341,14 @@ class _CyclicSource(torch.utils.data.IterableDataset):
 
     Every reader computes the same endless shard sequence and takes its own part of it: every n-th shard
     when there are at least as many shards as readers, else every n-th sample. Readers never see the same
-    sample within a pass, and none runs dry. A whole pass without a readable sample is an error rather than
-    an endless loop.
+    sample within a pass, and none runs dry. When every shard has been read in a row without a sample, that is
+    an error rather than an endless loop (a shard that is readable ends the streak).
     """
 
-    def __init__(self, urls: list[str], handler: SkipCounter, seed: int, keys: frozenset[str] | None = None):
+    def __init__(self, urls: list[str], handler: SkipCounter, seed: int, keys: frozenset[str] | None = None,
+                 lengths: dict[str, int] | None = None):
         self.urls, self.handler, self.seed, self.keys = urls, handler, seed, keys
+        self.lengths = lengths or {}
 
     def _sequence(self) -> Iterator[str]:
         for cycle in itertools.count():
@@ -201,20 +362,20 @@ class _CyclicSource(torch.utils.data.IterableDataset):
         # a key subset is dealt sample by sample, so that no reader waits forever on shards without one
         by_shard = self.keys is None and len(self.urls) >= readers
         shards = itertools.islice(self._sequence(), reader, None, readers) if by_shard else self._sequence()
-        position, barren = 0, 0
+        position, barren, distinct = 0, set(), set(self.urls)
         for url in shards:
             found = 0
-            for sample in wds.tarfile_to_samples(handler=self.handler)(iter([{"url": url}])):
+            for sample in _shard_samples(url, self.handler, self.lengths.get(url)):
                 if self.keys is not None and sample.get("__key__") not in self.keys:
                     continue
                 found += 1
                 if by_shard or position % readers == reader:
                     yield sample
                 position += 1
-            barren = 0 if found else barren + 1
-            if barren >= len(self.urls):
-                raise ShardError(f"no readable{' selected' if self.keys is not None else ''} sample in a whole "
-                                 f"pass over {len(self.urls)} shards (first: {self.urls[0]})")
+            barren = set() if found else barren | {url}
+            if barren == distinct:  # every shard read in a row without a sample: nothing left to read
+                raise ShardError(f"no readable{' selected' if self.keys is not None else ''} sample in any of the "
+                                 f"{len(distinct)} shards (first: {self.urls[0]})")
 
 
 def _take_share(total: int):
@@ -248,19 +409,19 @@ def make_dataset(location: str | Path | list[str], split: str | None = None, *, 
     `list_keys`). `compact=True` decodes to uint8 tensors (see `decode_sample`). The pipeline has `.classes`
     and `.info` (None without `_info.json`) attributes.
     """
-    urls, info = resolve_shards(location, split)
+    urls, info, lengths = _resolve(location, split)
     if info is not None:
         classes = info["classes"]
     if not classes:
         raise ShardError(f"'{location}' has no _info.json: pass classes=[background, ...] to read it")
-    counter = SkipCounter()
+    counter = SkipCounter(strict=not _ALLOW_DAMAGED)
     stages: list = []
     if resampled:
         if not epoch_samples or epoch_samples < 1:
             raise ValueError("resampled=True needs epoch_samples >= 1 (samples per epoch over all ranks)")
-        stages.append(_CyclicSource(urls, counter, seed, frozenset(keys) if keys is not None else None))
+        stages.append(_CyclicSource(urls, counter, seed, frozenset(keys) if keys is not None else None, lengths))
     else:
-        stages.append(_EvalSource(urls, counter))
+        stages.append(_EvalSource(urls, counter, lengths))
         if keys is not None:
             wanted = frozenset(keys)
             stages.append(wds.select(lambda sample: sample.get("__key__") in wanted))

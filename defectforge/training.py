@@ -21,6 +21,7 @@ from torch import nn
 from .augment import AugmentConfig
 from .config import require, section
 from .loop import Run, last_checkpoint, lr_factor
+from .reader import damage_found
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
@@ -42,6 +43,7 @@ def validate_training_keys(cfg) -> None:
     require(cfg.mixed_precision in MIXED_PRECISION, "mixed_precision", cfg.mixed_precision,
             f"one of {', '.join(MIXED_PRECISION)}")
     require(cfg.num_workers >= 0, "num_workers", cfg.num_workers, "an integer >= 0")
+    require(isinstance(cfg.allow_damaged, bool), "allow_damaged", cfg.allow_damaged, "true or false")
     require(cfg.shuffle_buffer >= 0, "shuffle_buffer", cfg.shuffle_buffer, "an integer >= 0 (0 = no shuffle)")
     require(isinstance(cfg.crop_size, int) and 16 <= cfg.crop_size <= 4096, "crop_size", cfg.crop_size,
             "an integer between 16 and 4096")
@@ -84,6 +86,9 @@ class TrainingKeys(AugmentConfig):
     num_workers: int = 1
     shuffle_buffer: int = 256
     trace_samples: bool = False  # write the sample keys each process trained on to RUN/samples/rank-<r>.txt
+    # a shard that no longer matches _info.json (missing, other sha256, fewer samples) or an undecodable sample
+    # fails the run by name; true: left out, counted, the count written to run_info.json and metrics.jsonl
+    allow_damaged: bool = False
     # bookkeeping
     log_every: int = 10
     val_every: int = 200
@@ -156,6 +161,7 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
     run = Run(cfg, run_dir, job_type=task.job_type)
     acc = run.accelerator
     net = task.build(run)
+    run.note_damage()
     optimizer = torch.optim.AdamW(task.param_groups(net), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
@@ -170,6 +176,7 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
 
     try:
         run.start(*([scheduler, ema] if ema is not None else [scheduler]))
+        run.note_damage(run.state.step)
         step = run.fit(model, optimizer, scheduler, make_loader=lambda epoch, n: task.loader(run, epoch, n),
                        micro_step=lambda batch, first: task.losses(run, model, batch, first),
                        validate=validate if task.validates else None, ema=ema, progress=progress,
@@ -177,7 +184,9 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
         if step == cfg.max_steps and acc.is_main_process:
             task.export(run, kept())
         acc.wait_for_everyone()
+        run.note_damage(step)
     finally:
         run.end()
+    damage = damage_found()
     return {"step": step, "val": task.last_val, "checkpoint": str(last_checkpoint(run.run_dir)),
-            **task.summary(run, step == cfg.max_steps)}
+            **task.summary(run, step == cfg.max_steps), **({"data_damage": damage} if damage else {})}

@@ -23,6 +23,9 @@ class EvalConfig:
     # data
     split: str | None = None  # null: test, else val, else the last split of each shard folder
     max_images: int | None = None  # per shard folder
+    # a shard that no longer matches _info.json or an undecodable sample fails the evaluation by name; true:
+    # left out, and the count of skipped samples written to results.json and the report's data line
+    allow_damaged: bool = False
     # metrics
     tolerance: int = 2  # px, for ODS/OIS (crack papers use 2)
     thresholds: int = 20  # ODS/OIS thresholds (k + 0.5) / thresholds
@@ -55,6 +58,7 @@ class EvalConfig:
         require(self.accumulate in ("device", "host"), "accumulate", self.accumulate, "'device' or 'host'")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 self.device, "auto, cpu, cuda or cuda:N")
+        require(isinstance(self.allow_damaged, bool), "allow_damaged", self.allow_damaged, "true or false")
         require(self.max_images is None or self.max_images >= 1, "max_images", self.max_images, "null or >= 1")
         require(0 <= self.tolerance <= 32, "tolerance", self.tolerance, "an integer in [0, 32]")
         require(2 <= self.thresholds <= 200, "thresholds", self.thresholds, "an integer in [2, 200]")

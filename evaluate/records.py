@@ -136,11 +136,13 @@ class Evaluation:
     results: list[ModelResult]
     claims: list[Claim] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    data_damage: dict | None = None  # with allow_damaged: {"skipped_samples": N, "problems": [...]}
 
     def to_dict(self) -> dict:
         return {"config": dataclasses.asdict(self.config), "classes": self.classes, "sources": self.sources,
                 "images": self.images, "device": self.device, "results": [r.to_dict() for r in self.results],
-                "claims": [dataclasses.asdict(c) for c in self.claims], "commands": self.commands}
+                "claims": [dataclasses.asdict(c) for c in self.claims], "commands": self.commands,
+                "data_damage": self.data_damage}
 
 
 def judge_learned(metrics: Accuracy, floor: float) -> Learned:

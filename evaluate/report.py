@@ -277,6 +277,14 @@ def _interpret_section(doc: Doc, results: list[ModelResult], cfg: EvalConfig, ma
                   "defect outline")
 
 
+def _damage_note(damage: dict | None) -> str:
+    """The data line's account of damaged data left out (allow_damaged); empty when everything was read."""
+    if not damage:
+        return ""
+    return (f" Damaged data left out (allow_damaged): {damage['skipped_samples']} sample(s) skipped; "
+            f"{'; '.join(damage['problems'])}.")
+
+
 def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predictions: dict[str, dict],
                  maps: dict[str, list] | None = None) -> Path:
     results, cfg = evaluation.results, evaluation.config
@@ -285,7 +293,8 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
              f"{evaluation.device}. Data: {evaluation.images} images from {', '.join(evaluation.sources)}; classes "
              f"{', '.join(evaluation.classes)}. Tiles {cfg.tile_size} px, overlap {cfg.overlap:.0%}, "
              f"{cfg.blend} blending. Speed: median of {cfg.repeats} timed runs per model on "
-             f"{cfg.speed_size[1]}x{cfg.speed_size[0]} images ({results[0].cost.tiled.source}).")
+             f"{cfg.speed_size[1]}x{cfg.speed_size[0]} images ({results[0].cost.tiled.source})."
+             + _damage_note(evaluation.data_damage))
     doc.heading("Results per model")
     _results_table(doc, results, cfg)
     doc.heading("Per class")

@@ -2,6 +2,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from defectforge.reader import make_dataset, read_location_info, resolve_shards
+from defectforge import reader
+from defectforge.reader import list_keys, make_dataset, read_location_info, resolve_shards
 from defectforge.shards import ShardError, decode_raw, iter_raw_samples, read_folder_info
 
 from .helpers import make_shards
@@ -105,28 +107,98 @@ def test_a_remote_info_is_checked_like_a_local_one(shards, tmp_path):
         assert f"pipe:cat {tmp_path / name}" in str(err.value)  # the location is named
 
 
-def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(shards, tmp_path, caplog):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    info = read_folder_info(shards)
-    names = info["splits"]["train"]["filenames"][:2]
-    with tarfile.open(shards / names[0]) as src, tarfile.open(bad / names[0], "w") as dst:
+@pytest.fixture
+def damage_allowed():
+    reader.allow_damaged(True)
+    yield
+    reader.allow_damaged(False)
+    reader._DAMAGE.clear()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flip_member_bytes(shard: Path, member_suffix: str = ".png") -> None:
+    """Flip bytes in the middle of the first image member's data, in place (the tar stays a valid tar)."""
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(member_suffix) and ".mask." not in m.name)
+    at = member.offset_data + member.size // 2
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    shard.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_missing_or_truncated_shards_fail_naming_the_shard(shards, tmp_path):
+    flipped = _copy(shards, tmp_path / "flipped")
+    _flip_member_bytes(flipped / "train-000001.tar")
+    with pytest.raises(ShardError, match=r"train-000001\.tar differs from the sha256 recorded.*allow_damaged"):
+        make_dataset(flipped, "train")
+    missing = _copy(shards, tmp_path / "missing")
+    (missing / "train-000003.tar").unlink()
+    with pytest.raises(ShardError, match=r"shard train-000003\.tar is missing"):
+        list_keys(missing, "train")
+    truncated = _copy(shards, tmp_path / "truncated")
+    whole = (truncated / "train-000000.tar").read_bytes()
+    (truncated / "train-000000.tar").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ShardError, match=r"train-000000\.tar differs"):
+        make_dataset(truncated, "train")
+
+
+def test_allowed_damage_leaves_the_damaged_shards_out_and_counts_them(shards, tmp_path, damage_allowed, caplog):
+    bad = _copy(shards, tmp_path / "bad")
+    _flip_member_bytes(bad / "train-000001.tar")
+    (bad / "train-000003.tar").unlink()
+    with caplog.at_level(logging.WARNING, logger="defectforge.reader"):
+        keys = keys_of(make_dataset(bad, "train"))
+    assert len(keys) == 14 - 3 - 3
+    found = reader.damage_found()
+    assert found["skipped_samples"] == 6
+    assert any("train-000001.tar differs" in p for p in found["problems"])
+    assert any("train-000003.tar is missing" in p for p in found["problems"])
+    assert "6 samples skipped" in caplog.text
+
+
+def test_remote_shards_are_counted_against_info(shards, tmp_path, damage_allowed, caplog):
+    """A pipe: location cannot be hashed before reading: each shard's sample count is compared instead."""
+    bad = _copy(shards, tmp_path / "remote")
+    whole = (bad / "train-000002.tar").read_bytes()
+    (bad / "train-000002.tar").write_bytes(whole[: len(whole) // 2])  # cut in the middle of a member
+    location = f"pipe:cat {bad / '_info.json'}"
+    with caplog.at_level(logging.WARNING, logger="defectforge.reader"):
+        ds = make_dataset(location, "train")
+        keys = keys_of(ds)
+    assert 11 <= len(keys) < 14 and ds.skipped.count >= 1
+    assert "train-000002.tar" in caplog.text and "b'" not in caplog.text  # shard named, no raw bytes
+    reader.allow_damaged(False)
+    with pytest.raises(ShardError, match=r"train-000002\.tar"):
+        keys_of(make_dataset(location, "train"))
+
+
+def test_undecodable_sample_is_named_by_key_and_shard(shards, tmp_path, damage_allowed, caplog):
+    """A member that no longer decodes, in a folder whose _info.json was rewritten to match (so only the reader
+    can tell): fails by sample key and shard, or is skipped and counted when damage is allowed."""
+    bad = _copy(shards, tmp_path / "undecodable")
+    name = "train-000000.tar"
+    with tarfile.open(shards / name) as src, tarfile.open(bad / name, "w") as dst:
         for member in src:
             data = src.extractfile(member).read()
             if member.name.startswith("00000001.") and member.name.endswith(".png") and "mask" not in member.name:
                 data = b"not a png"
             member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
-    whole = (shards / names[1]).read_bytes()
-    (bad / names[1]).write_bytes(whole[: len(whole) // 2])  # a shard cut in the middle of a member
-    info["splits"] = {"train": {**info["splits"]["train"], "filenames": names}}
+    info = read_folder_info(bad)
+    info["splits"]["train"]["sha256"].pop(name)  # no digest recorded for it: the count and the decoding decide
     (bad / "_info.json").write_text(json.dumps(info))
-    ds = make_dataset(bad, "train")
     with caplog.at_level(logging.WARNING, logger="defectforge.reader"):
+        ds = make_dataset(bad, "train")
         keys = keys_of(ds)
-    assert "00000001" not in keys and {"00000000", "00000002"} <= set(keys)
-    assert ds.skipped.count >= 2
-    assert "skipping unreadable data" in caplog.text
+    assert "00000001" not in keys and len(keys) == 13 and ds.skipped.count == 1
+    assert "00000001" in caplog.text and name in caplog.text
+    reader.allow_damaged(False)
+    with pytest.raises(ShardError, match=rf"00000001.*{name}"):
+        keys_of(make_dataset(bad, "train"))
 
 
 @pytest.mark.distributed
@@ -161,12 +233,34 @@ def test_training_stream_with_more_readers_than_shards_deals_samples(shards, mon
     assert len(set(firsts)) == 8
 
 
-def test_training_stream_fails_instead_of_spinning_when_no_shard_is_readable(shards, tmp_path):
+def test_training_stream_fails_instead_of_spinning_when_no_shard_is_readable(shards, tmp_path, damage_allowed):
     bad = tmp_path / "bad"
     bad.mkdir()
     info = read_folder_info(shards)
     (bad / "train-000000.tar").write_bytes(b"not a tar file")
-    info["splits"] = {"train": {**info["splits"]["train"], "filenames": ["train-000000.tar"]}}
+    (bad / "train-000001.tar").write_bytes(b"nor this one")
+    train = info["splits"]["train"]
+    info["splits"] = {"train": {**train, "num_samples": 6, "filenames": ["train-000000.tar", "train-000001.tar"],
+                                "shard_lengths": [3, 3], "sha256": {}}}
     (bad / "_info.json").write_text(json.dumps(info))
-    with pytest.raises(ShardError, match="no readable sample"):
+    with pytest.raises(ShardError, match="no readable sample in any of the 2 shards"):
         keys_of(make_dataset(bad, "train", resampled=True, epoch_samples=4))
+
+
+def test_training_stream_with_a_missing_shard(shards, tmp_path, damage_allowed):
+    """Two shards, one deleted: refused by name; allowed, the readable one is read (not 'no readable sample')."""
+    two = tmp_path / "two"
+    two.mkdir()
+    info = read_folder_info(shards)
+    train = info["splits"]["train"]
+    for name in train["filenames"][:2]:
+        shutil.copy(shards / name, two / name)
+    info["splits"] = {"train": {**train, "num_samples": 6, "filenames": train["filenames"][:2],
+                                "shard_lengths": [3, 3]}}
+    (two / "_info.json").write_text(json.dumps(info))
+    (two / train["filenames"][1]).unlink()
+    keys = keys_of(make_dataset(two, "train", resampled=True, epoch_samples=12, seed=3))
+    assert len(keys) == 12 and set(keys) == set(list_keys(shards / train["filenames"][0]))
+    reader.allow_damaged(False)
+    with pytest.raises(ShardError, match=f"shard {train['filenames'][1]} is missing"):
+        make_dataset(two, "train", resampled=True, epoch_samples=12)
