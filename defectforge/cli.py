@@ -23,6 +23,16 @@ def split_overrides(values: list[str], overrides: list[str]) -> tuple[list[str],
     return paths, [*moved, *overrides]
 
 
+def one_line(err: Exception) -> str:
+    """The message of `err`; for an error re-raised from a DataLoader worker (whose message is the worker's whole
+    traceback), the original error's last line, e.g. "ShardError: sample '00000003' of .../train-000000.tar: ..."."""
+    text = str(err)
+    if "Original Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        return lines[-1] if lines else text
+    return text
+
+
 def training_main(stage: str, doc: str, schema: type, train: Callable, example: str,
                   argv: list[str] | None = None, *, config_example: str | None = None,
                   multi_shards: bool = False) -> int:
@@ -49,7 +59,7 @@ def training_main(stage: str, doc: str, schema: type, train: Callable, example: 
         shards = args.shards[0] if multi_shards and len(args.shards) == 1 else args.shards
         summary = train(cfg, shards, args.out, progress=not args.no_progress)
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
+        log.error("%s", one_line(err))
         return 2
     except NonFiniteLoss as err:
         log.error("%s", err)

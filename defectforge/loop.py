@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from defectforge.config import ConfigError, save_config, to_dict
 
 from .files import claim_output, write_atomic
-from .reader import allow_damaged, damage_found
+from .reader import SKIP_RECORD, allow_damaged, damage_found
 from .tracking import MetricsLog, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,8 @@ class Run:
     def __init__(self, cfg: Any, run_dir: str | Path, *, job_type: str):
         self.cfg, self.run_dir, self.job_type = cfg, Path(run_dir), job_type
         self.accelerator = make_accelerator(cfg, self.run_dir)
-        allow_damaged(cfg.allow_damaged)  # the shard readers' policy for this process (defectforge/reader.py)
+        # the shard readers' policy for this process; samples skipped while reading are listed in the run folder
+        allow_damaged(cfg.allow_damaged, record=self.run_dir / SKIP_RECORD)
         self._damage_noted: dict[str, dict | None] = {"run_info": None, "metrics": None}
         if self.accelerator.is_main_process:
             claim_output(self.run_dir, "run")  # never a folder of the user's own files

@@ -47,15 +47,20 @@ from .shards import IMAGE_EXTS, INFO_NAME, ShardError, parse_info, read_folder_i
 log = logging.getLogger(__name__)
 
 _ALLOW_DAMAGED = False  # the process's policy, set by each command from its allow_damaged key
+_SKIP_RECORD: Path | None = None  # where readers (loader workers included) list the samples they skipped
 _VERIFIED: dict[tuple, list[str]] = {}  # (folder, split, (name, size, mtime) of each shard) -> shards kept
+SKIP_RECORD = "skipped_samples.tsv"  # its name in a run or report folder: what (shard, sample key), samples, reason
 
 
-def allow_damaged(flag: bool) -> None:
+def allow_damaged(flag: bool, record: str | Path | None = None) -> None:
     """Set this process's policy, False (the default) failing on damaged data and True leaving it out and
     counting it, and start a fresh count (`damage_found`): each command (a training run, an evaluation) calls
-    this before it reads data."""
-    global _ALLOW_DAMAGED
+    this before it reads data. `record`: a file every reader created afterwards appends each sample it skips
+    to (one tab-separated line: the shard or sample, the number of samples, the reason), loader worker
+    processes included, so that `damage_found` counts them too."""
+    global _ALLOW_DAMAGED, _SKIP_RECORD
     _ALLOW_DAMAGED = bool(flag)
+    _SKIP_RECORD = Path(record) if record is not None and flag else None
     _DAMAGE.clear()
 
 
@@ -73,12 +78,23 @@ _DAMAGE: dict[tuple[str, str], Damage] = {}  # damage let through in this proces
 
 
 def damage_found() -> dict | None:
-    """The damage let through in this process (only with `allow_damaged(True)`): {"skipped_samples": N,
-    "problems": ["<folder> [<split>]: <problem>", ...]}, or None when every shard read was whole."""
-    if not _DAMAGE:
+    """The damage let through since `allow_damaged(True)`: {"skipped_samples": N, "problems": ["<folder>
+    [<split>]: <problem>", ...]}: the shards left out whole, plus the samples readers skipped as they read
+    (counted from the `record` file), or None when everything read was whole."""
+    skipped = sum(d.skipped for d in _DAMAGE.values())
+    problems = [f"{d.location} [{d.split}]: {p}" for d in _DAMAGE.values() for p in d.problems]
+    if _SKIP_RECORD is not None and _SKIP_RECORD.is_file():
+        per_item: dict[str, int] = {}  # a sample skipped in every pass over the data counts once
+        for fields in (line.split("\t") for line in _SKIP_RECORD.read_text().splitlines()):
+            if len(fields) == 3 and fields[1].isdigit():
+                per_item[fields[0]] = max(per_item.get(fields[0], 0), int(fields[1]))
+        read = sum(per_item.values())
+        if read:
+            skipped += read
+            problems.append(f"{read} sample(s) skipped while reading, listed in {_SKIP_RECORD}")
+    if not problems:
         return None
-    return {"skipped_samples": sum(d.skipped for d in _DAMAGE.values()),
-            "problems": [f"{d.location} [{d.split}]: {p}" for d in _DAMAGE.values() for p in d.problems]}
+    return {"skipped_samples": skipped, "problems": problems}
 
 
 def _damage_error(where: str, problems: list[str]) -> ShardError:
@@ -224,7 +240,7 @@ def _resolve(location: str | Path | list[str], split: str | None) -> tuple[list[
 def list_keys(location: str | Path | list[str], split: str | None = None) -> list[str]:
     """Every sample key of `split`, in shard order (reads the shards, without decoding)."""
     urls, _ = resolve_shards(location, split)
-    counter = SkipCounter(strict=not _ALLOW_DAMAGED)
+    counter = SkipCounter(strict=not _ALLOW_DAMAGED, record=_SKIP_RECORD)
     return [sample["__key__"] for url in urls for sample in _shard_samples(url, counter, None)]
 
 
@@ -232,20 +248,29 @@ class SkipCounter:
     """What one reader process could not read. Strict (damage not allowed): a `ShardError` naming the shard and
     the sample; otherwise counted and logged with the same names."""
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, record: Path | None = None) -> None:
         self.count = 0
         self.strict = strict
+        self.record = record  # a file each skip is appended to (`allow_damaged`), from any process
+        self._recorded: set[str] = set()
 
     def skip(self, where: str, reason: str, samples: int = 1) -> None:
         if self.strict:
             raise ShardError(f"{where}: {reason} (pass allow_damaged=true to skip damaged data and count it)")
         self.count += samples
         log.warning("skipping %s: %s (%d skipped so far in this reader)", where, reason, self.count)
+        if self.record is not None and samples and where not in self._recorded:
+            self._recorded.add(where)
+            fields = [where, str(samples), reason]
+            line = "\t".join(f.replace("\t", " ").replace("\n", " ") for f in fields) + "\n"
+            with open(self.record, "a") as f:  # one short append per line: whole lines from every process
+                f.write(line)
 
-    def for_shard(self, url: str) -> Callable[[Exception], bool]:
-        """A webdataset handler for errors while reading the tar at `url`."""
+    def for_shard(self, url: str, counted: bool = True) -> Callable[[Exception], bool]:
+        """A webdataset handler for errors while reading the tar at `url`; `counted=False` when the shard's
+        samples are counted against `_info.json` afterwards (which then counts what the error cost)."""
         def handler(exn: Exception) -> bool:
-            self.skip(f"shard {url}", _describe(exn))
+            self.skip(f"shard {url}", _describe(exn), 1 if counted else 0)
             return True
         return handler
 
@@ -264,7 +289,7 @@ def _describe(exn: Exception) -> str:
 def _shard_samples(url: str, counter: SkipCounter, expected: int | None) -> Iterator[dict]:
     """The raw samples of one shard, then its sample count compared with the recorded one."""
     found = 0
-    for sample in wds.tarfile_to_samples(handler=counter.for_shard(url))(iter([{"url": url}])):
+    for sample in wds.tarfile_to_samples(handler=counter.for_shard(url, expected is None))(iter([{"url": url}])):
         found += 1
         yield sample
     if expected is not None and found != expected:
@@ -414,7 +439,7 @@ def make_dataset(location: str | Path | list[str], split: str | None = None, *, 
         classes = info["classes"]
     if not classes:
         raise ShardError(f"'{location}' has no _info.json: pass classes=[background, ...] to read it")
-    counter = SkipCounter(strict=not _ALLOW_DAMAGED)
+    counter = SkipCounter(strict=not _ALLOW_DAMAGED, record=_SKIP_RECORD)
     stages: list = []
     if resampled:
         if not epoch_samples or epoch_samples < 1:

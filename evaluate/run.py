@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectforge.files import claim_output, write_atomic
-from defectforge.reader import allow_damaged, damage_found, make_dataset, read_location_info
+from defectforge.reader import SKIP_RECORD, allow_damaged, damage_found, make_dataset, read_location_info
 from pretrain.models import model_family
 from pretrain.segmenter import load_segmenter
 
@@ -84,10 +84,9 @@ def speed_image(images: list[dict], size: list[int], seed: int) -> tuple[torch.T
         f"{seed})"
 
 
-def load_images(shards: list[str], cfg: EvalConfig) -> tuple[list[dict], list[str], list[str], int]:
-    """Every evaluation sample (image, mask, key, source) of every shard location, their common classes, the
-    locations read and the number of undecodable samples skipped (only with allow_damaged)."""
-    images, classes, sources, skipped = [], None, [], 0
+def load_images(shards: list[str], cfg: EvalConfig) -> tuple[list[dict], list[str], list[str]]:
+    """Every evaluation sample (image, mask, key, source) of every shard location, and their common classes."""
+    images, classes, sources = [], None, []
     for location in shards:
         split = eval_split(location, cfg.split)
         ds = make_dataset(location, split)
@@ -101,10 +100,9 @@ def load_images(shards: list[str], cfg: EvalConfig) -> tuple[list[dict], list[st
                 break
             images.append({"image": sample["image"], "mask": sample["mask"], "key": f"{Path(location).name}/"
                            f"{sample['key']}"})
-        skipped += ds.skipped.count
     if not images:
         raise ValueError(f"no evaluation image in {', '.join(shards)}")
-    return images, classes, sources, skipped
+    return images, classes, sources
 
 
 def seam_errors(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *, tile: int, overlap: float,
@@ -213,17 +211,15 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     from .report import write_report
 
     device = resolve_device(cfg.device)
-    allow_damaged(cfg.allow_damaged)
     runs = [Path(m) for m in models]
     for run in runs:
         if not (run / "model_config.json").is_file():
             raise FileNotFoundError(f"{run} is not a finetune run (no model_config.json; did it reach max_steps?)")
     out = claim_output(out, "report")  # before the work: a folder of the user's files or an unwritable one fails now
-    images, classes, sources, undecodable = load_images(shards, cfg)
-    damage = damage_found() or ({"skipped_samples": 0, "problems": []} if undecodable else None)
-    if undecodable:
-        damage = {"skipped_samples": damage["skipped_samples"] + undecodable,
-                  "problems": [*damage["problems"], f"{undecodable} undecodable sample(s), named in the log"]}
+    (out / SKIP_RECORD).unlink(missing_ok=True)  # this evaluation's list of skipped samples, not an earlier one's
+    allow_damaged(cfg.allow_damaged, record=out / SKIP_RECORD)
+    images, classes, sources = load_images(shards, cfg)
+    damage = damage_found()
     by_size = sorted(images, key=lambda s: -s["image"].shape[-1] * s["image"].shape[-2])
     overlay_keys = {s["key"] for s in by_size[:cfg.overlays]}
     loaded, predictions, maps = [], {}, {}

@@ -78,3 +78,40 @@ def test_finetune_and_evaluate_refuse_or_count_a_missing_shard(shards, tmp_path,
     assert results["data_damage"]["skipped_samples"] == 3 and results["images"] == 3
     md = (tmp_path / "report" / "report.md").read_text()
     assert "Damaged data left out (allow_damaged): 3 sample(s) skipped" in md and "val-000000.tar" in md
+
+
+def test_samples_skipped_inside_loader_workers_are_counted(shards, tmp_path, caplog):
+    """An undecodable image member (its shard has no recorded sha256, so only reading finds it): with
+    allow_damaged and a DataLoader worker, the worker's skip reaches run_info.json once, however many passes."""
+    import io
+    import tarfile
+
+    bad = tmp_path / "undecodable"
+    shutil.copytree(shards, bad)
+    name = "train-000000.tar"
+    with tarfile.open(shards / name) as src, tarfile.open(bad / name, "w") as dst:
+        first = None
+        for member in src:
+            data = src.extractfile(member).read()
+            key = member.name.split(".")[0]
+            first = first or key
+            if key == first and member.name.endswith((".png", ".jpg")) and ".mask." not in member.name:
+                data = b"not an image"
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    info = json.loads((bad / "_info.json").read_text())
+    info["splits"]["train"]["sha256"].pop(name)
+    (bad / "_info.json").write_text(json.dumps(info))
+    run = tmp_path / "run"
+    args = ["--config", str(REPO / "configs/finetune/quickstart.yaml"), "--shards", str(bad), "--out", str(run),
+            "--no-progress", *FAST, "num_workers=1", "max_steps=6", "checkpoint_every=6", "val_every=6",
+            "class_weights=null", "allow_damaged=true"]
+    assert finetune_main(args) == 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["data_damage"]["skipped_samples"] == 1, info["data_damage"]
+    listed = (run / reader.SKIP_RECORD).read_text()
+    assert f"sample '{first}' of {bad / name}" in listed
+    caplog.clear()
+    assert finetune_main([a for a in args if a != "allow_damaged=true"] + ["--out", str(tmp_path / "strict")]) == 2
+    error = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "\n" not in error and f"sample '{first}' of {bad / name}" in error, error  # one line from the worker
