@@ -37,7 +37,10 @@ measured `--repeats` times (3), each loop followed by its bare run; the `loop_` 
 median ratio and lists every ratio (`ratios`). The reader runs once, against that median loop.
 
 Usage: python bench/pretrain_throughput.py [--sizes 128 224] [--steps N] [--batch-size 32] [--model vit_tiny]
-       [--num-workers 1] [--threads T] [--repeats 3]
+       [--objective classification|segmentation] [--num-workers 1] [--threads T] [--repeats 3]
+With `--objective segmentation` both sides train the segmentation network (`pretrain/segmenter.py`: encoder,
+decoder, head and the auxiliary label head) with `SegLoss` + the auxiliary BCE; class weights off (`auto` would
+read the shards before training, outside the timed windows anyway).
 Default steps per size: max(30, round(80 * (128 / size) ** 2)), i.e. 80 at 128 px and 30 at 224 px
 (about 10 minutes in all with 3 repeats on a quiet 2-core machine).
 """
@@ -58,11 +61,13 @@ import psutil
 import torch
 import torch.nn.functional as F
 from common import emit
+from timm.optim import param_groups_weight_decay
 
 from defectforge.config import load_config
 from defectforge.data import train_loader
 from defectforge.tracking import read_metrics
 from pretrain.config import PretrainConfig
+from pretrain.segmenter import SegLoss, build_segmenter
 from pretrain.train import build_model, param_groups, train
 from synth.config import SynthConfig
 from synth.generate import generate
@@ -147,21 +152,42 @@ def loop_rate(cfg: PretrainConfig, shards: Path, run_dir: Path) -> tuple[float, 
 
 
 def bare_rate(cfg: PretrainConfig, classes: list[str], steps: int, warmup: int) -> tuple[float, CpuShare]:
-    """Images/s of forward / losses / backward / clip / AdamW on fixed random tensors (no data, no augmentation)."""
+    """Images/s of forward / losses / backward / clip / AdamW on fixed random tensors (no data, no augmentation).
+
+    The same network and losses as the objective's task: classification (`build_model`: BCE on the logits +
+    dense cross-entropy) or segmentation (`build_segmenter` with the auxiliary label head: `SegLoss` + the
+    weighted BCE), with the same AdamW parameter groups."""
     torch.manual_seed(cfg.seed)
-    net, _ = build_model(cfg, classes)
-    net.train()
-    optimizer = torch.optim.AdamW(param_groups(net, cfg), lr=cfg.lr)
     k, b, s = len(classes) - 1, cfg.batch_size, cfg.crop_size
     images = torch.rand(b, 3, s, s)
     labels = (torch.rand(b, k) < 0.5).float()
     masks = torch.randint(0, k + 1, (b, s, s))
+    if cfg.objective == "segmentation":
+        net, _ = build_segmenter(cfg, classes, encoder_kwargs=dict(cfg.model_kwargs), aux_head=cfg.aux_weight > 0)
+        groups = param_groups_weight_decay(net, weight_decay=cfg.weight_decay)
+        criterion = SegLoss(cfg, len(classes))
+
+        def losses() -> torch.Tensor:
+            out = net(images)
+            logits, label_logits = out if isinstance(out, tuple) else (out, None)
+            loss = criterion(logits, masks)["loss"]
+            if label_logits is not None:
+                loss = loss + cfg.aux_weight * F.binary_cross_entropy_with_logits(label_logits.float(), labels)
+            return loss
+    else:
+        net, _ = build_model(cfg, classes)
+        groups = param_groups(net, cfg)
+
+        def losses() -> torch.Tensor:
+            out = net(images)
+            bce = F.binary_cross_entropy_with_logits(out["logits"].float(), labels)
+            dense = F.cross_entropy(out["dense"].float(), masks) if "dense" in out else bce.new_zeros(())
+            return bce + cfg.dense_weight * dense
+    net.train()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
 
     def step() -> None:
-        out = net(images)
-        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), labels)
-        dense = F.cross_entropy(out["dense"].float(), masks) if "dense" in out else bce.new_zeros(())
-        (bce + cfg.dense_weight * dense).backward()
+        losses().backward()
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad)
         optimizer.step()
@@ -206,9 +232,11 @@ def run(size: int, args: argparse.Namespace, workdir: Path) -> None:
     cfg = load_config(PretrainConfig, None, {
         "name": f"bench-{size}", "model": args.model, "crop_size": size, "batch_size": args.batch_size,
         "max_steps": steps, "warmup_steps": min(10, steps - 1), "log_every": log_every,
-        "checkpoint_every": 10 * steps, "val_split": None, "num_workers": args.num_workers, "wandb": False})
-    common = {"model": args.model, "batch": args.batch_size, "shard_image_size": shard_size,
-              "num_workers": args.num_workers, "threads": args.threads}
+        "checkpoint_every": 10 * steps, "val_split": None, "num_workers": args.num_workers, "wandb": False,
+        "objective": args.objective, **({"class_weights": None} if args.objective == "segmentation" else {})})
+    common = {"model": args.model, "objective": args.objective, "batch": args.batch_size,
+              "shard_image_size": shard_size, "num_workers": args.num_workers, "threads": args.threads}
+    size = f"seg_{size}" if args.objective == "segmentation" else size  # the lines' names
 
     set_threads(args.threads)
     pairs = []  # (loop, bare, timed steps, other_cpu) per repeat; each ratio from one loop and the bare run after it
@@ -242,6 +270,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
     p.add_argument("--model", default="vit_tiny")
+    p.add_argument("--objective", default="classification", choices=("classification", "segmentation"),
+                   help="what is pretrained: the classification backbone or the whole segmentation network "
+                        "(lines named loop_seg_<size>, reader_seg_<size>)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps of the loop per size (default: 80 at 128 px, 30 at 224 px)")
     p.add_argument("--batch-size", type=int, default=32)
