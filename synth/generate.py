@@ -177,18 +177,21 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
     for p in mine:  # leftovers of a killed run: never complete, so never trusted
         (out / (p.filename + TMP_SUFFIX)).unlink(missing_ok=True)
     recorded = _recorded_digests(out)
+    records: dict[str, ShardRecord] = {}
     for p in mine:  # shards of an earlier run are kept only when they are still what was written
-        problem = _kept_shard_problem(out / p.filename, p, recorded.get(p.filename))
+        path = out / p.filename
+        problem = _kept_shard_problem(path, p, recorded.get(p.filename))
         if problem:
-            log.warning("rank %d: %s %s: writing it again", rank, out / p.filename, problem)
-            (out / p.filename).unlink()
+            log.warning("rank %d: %s %s: writing it again", rank, path, problem)
+            path.unlink()
+        elif path.exists() and p.filename in recorded:  # verified against its digest: not hashed again below
+            records[p.filename] = ShardRecord(p.filename, p.stop - p.start, recorded[p.filename], path.stat().st_size)
     todo = [p for p in mine if not (out / p.filename).exists()]
     kept = len(mine) - len(todo)
     if kept:
         log.info("rank %d: keeping %d complete shard(s), writing %d", rank, kept, len(todo))
     workers = cfg.workers or os.cpu_count() or 1
     total = sum(p.stop - p.start for p in todo)
-    records: dict[str, ShardRecord] = {}
     with tqdm(total=total, desc=f"generate[{rank}]" if world > 1 else "generate", unit="img",
               disable=not progress or total == 0, position=rank) as bar:
         samples = _samples(todo, min(workers, max(total, 1)), cfg)
