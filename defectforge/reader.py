@@ -239,9 +239,9 @@ def _resolve(location: str | Path | list[str], split: str | None) -> tuple[list[
 
 def list_keys(location: str | Path | list[str], split: str | None = None) -> list[str]:
     """Every sample key of `split`, in shard order (reads the shards, without decoding)."""
-    urls, _ = resolve_shards(location, split)
+    urls, _, lengths = _resolve(location, split)
     counter = SkipCounter(strict=not _ALLOW_DAMAGED, record=_SKIP_RECORD)
-    return [sample["__key__"] for url in urls for sample in _shard_samples(url, counter, None)]
+    return [sample["__key__"] for url in urls for sample in _shard_samples(url, counter, lengths.get(url))]
 
 
 class SkipCounter:
@@ -273,10 +273,6 @@ class SkipCounter:
             self.skip(f"shard {url}", _describe(exn), 1 if counted else 0)
             return True
         return handler
-
-    def __call__(self, exn: Exception) -> bool:  # a handler where the shard is not known (key listing)
-        self.skip("a shard", _describe(exn))
-        return True
 
 
 def _describe(exn: Exception) -> str:
