@@ -48,6 +48,15 @@ def _check_keys(raw: dict, schema: type, where: str) -> None:
             )
 
 
+def _unbool(tree: dict, schema: type) -> None:
+    """YAML reads `no`/`off` as false and `yes`/`on` as true; a key declared `str` gets the word back (as
+    `no`/`yes`), so `mixed_precision=no` means the string "no" and not "False"."""
+    text_keys = {f.name for f in dataclasses.fields(schema) if f.type in ("str", str)}
+    for key, value in tree.items():
+        if key in text_keys and isinstance(value, bool):
+            tree[key] = "yes" if value else "no"
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Parse `key=value` strings (values in YAML syntax, so `image_size=[256,512]` is a list)."""
     out: dict[str, Any] = {}
@@ -103,6 +112,8 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         raw = loaded
     _check_keys(raw, schema, where)
     over = dict(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
+    _unbool(raw, schema)
+    _unbool(over, schema)
     over_tree: dict[str, Any] = {}
     for key, value in over.items():
         _check_keys({key.split(".")[0]: None}, schema, "override")

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from defectforge.config import ConfigError, save_config, to_dict
 
 from .files import claim_output, write_atomic
+from .precision import resolve_mixed_precision
 from .reader import SKIP_RECORD, allow_damaged, damage_found
 from .tracking import MetricsLog, wandb_init_kwargs
 
@@ -64,17 +65,8 @@ class TrainState:
         self.step, self.wandb_id = int(state["step"]), str(state["wandb_id"])
 
 
-def resolve_mixed_precision(value: str) -> str:
-    """`auto`: fp32 on a CPU (bf16 autocast is emulated and slow there), bf16 or fp16 on a GPU."""
-    if value != "auto":
-        return value
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def make_accelerator(cfg: Any, run_dir: Path) -> Accelerator:
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+def make_accelerator(cfg: Any, run_dir: Path, mixed_precision: str) -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                        gradient_accumulation_steps=cfg.grad_accum, log_with="wandb" if cfg.wandb else None,
                        project_dir=str(run_dir))
 
@@ -227,7 +219,8 @@ class Run:
 
     def __init__(self, cfg: Any, run_dir: str | Path, *, job_type: str):
         self.cfg, self.run_dir, self.job_type = cfg, Path(run_dir), job_type
-        self.accelerator = make_accelerator(cfg, self.run_dir)
+        mixed_precision, self.precision = resolve_mixed_precision(cfg.mixed_precision)
+        self.accelerator = make_accelerator(cfg, self.run_dir, mixed_precision)
         # the shard readers' policy for this process; samples skipped while reading are listed in the run folder
         allow_damaged(cfg.allow_damaged, record=self.run_dir / SKIP_RECORD)
         self._damage_noted: dict[str, dict | None] = {"run_info": None, "metrics": None}
@@ -290,6 +283,14 @@ class Run:
         if step is not None and damage != self._damage_noted["metrics"]:
             self.record({"skipped_samples": damage["skipped_samples"]}, step)
             self._damage_noted["metrics"] = damage
+
+    def note_info(self, **entries: Any) -> None:
+        """Merge `entries` into RUN/run_info.json (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        path = self.run_dir / "run_info.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        write_atomic(path, json.dumps({**info, **entries}, indent=2) + "\n")
 
     def record(self, values: dict, step: int) -> None:
         if self.metrics is not None:

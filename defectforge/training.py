@@ -21,6 +21,7 @@ from torch import nn
 from .augment import AugmentConfig
 from .config import require, section
 from .loop import Run, last_checkpoint, lr_factor
+from .precision import prefers_channels_last
 from .reader import damage_found
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -74,7 +75,7 @@ class TrainingKeys(AugmentConfig):
     warmup_steps: int = 50
     weight_decay: float = 0.05
     clip_grad: float | None = 1.0
-    mixed_precision: str = "auto"  # auto = no on CPU, bf16 (or fp16) on GPU
+    mixed_precision: str = "auto"  # auto: bf16 (or fp16) on GPU; on CPU bf16 if measured >= 1.2x faster, else no
     ema: bool = False  # validate and export an exponential moving average of the weights
     ema_decay: float = 0.999
     compile: bool = False  # torch.compile the model
@@ -161,6 +162,10 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
     run = Run(cfg, run_dir, job_type=task.job_type)
     acc = run.accelerator
     net = task.build(run)
+    channels_last = prefers_channels_last(net)
+    if channels_last:  # a convolutional network: measured 5-20 % faster per step (docs/scaling.md)
+        net = net.to(memory_format=torch.channels_last)
+    run.note_info(precision={**run.precision, "channels_last": channels_last})
     run.note_damage()
     optimizer = torch.optim.AdamW(task.param_groups(net), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))

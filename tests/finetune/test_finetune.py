@@ -74,6 +74,9 @@ def test_freezing_keeps_weights_and_batchnorm_statistics_bit_identical(shards, t
     assert changed, "layer3 should train"
     info = json.loads((tmp_path / "run/run_info.json").read_text())
     assert info["init_report"]["loaded"][0] > 0 and info["frozen"] > 0
+    # trained in channels_last (a CNN), at the precision measured for this CPU (defectforge/precision.py)
+    assert info["precision"]["channels_last"] is True and info["precision"]["asked"] == "auto"
+    assert info["precision"]["used"] in ("no", "bf16") and info["precision"]["device"] == "cpu"
 
 
 def test_init_from_a_pretrain_run_loads_the_saved_backbone_and_rejects_a_mismatch(shards, tmp_path):

@@ -186,3 +186,13 @@ def test_a_renamed_key_fails_naming_its_new_name(tmp_path, old):
     with pytest.raises(ConfigError, match=rf"{path}: key '{old}' was renamed to 'crop_size'"):
         load_config(schema, path)
     assert load_config(schema, None, ["crop_size=64"]).crop_size == 64
+
+
+def test_yaml_boolean_words_stay_words_for_text_keys(tmp_path):
+    """`mixed_precision=no` (YAML reads `no` as false) is the string "no", on the command line and in a file."""
+    assert load_config(PretrainConfig, overrides=["mixed_precision=no"]).mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(PretrainConfig, path).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(PretrainConfig, overrides=["mixed_precision=off2"])
