@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -112,6 +113,29 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
                       collate_fn=collate, drop_last=False, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
+
+
+def merged_classes(shards: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The union of the folders' classes by name (background first) and each folder's own list."""
+    per_folder = [make_dataset(s, None).classes for s in shards]
+    union = ["background"]
+    for classes in per_folder:
+        union += [c for c in classes[1:] if c not in union]
+    return union, per_folder
+
+
+def folders_in_turn(shards: list[str], per_folder: list[list[str]], split: str, *, batches: int,
+                    **loader_kwargs) -> Iterator[dict]:
+    """Training batches from several dataset folders whose classes may differ, one folder after the other
+    (`batches` in all, rounded up to a multiple of the folder count); each batch is a folder's own (masks in its
+    own class ids) and says which: `batch["folder"]`. Folder k's stream is seeded by `seed + 7919 * k`."""
+    per = math.ceil(batches / len(shards))
+    seed = loader_kwargs.pop("seed")
+    loaders = [train_loader(s, split, batches=per, seed=seed + 7919 * k, classes=per_folder[k], **loader_kwargs)
+               for k, s in enumerate(shards)]
+    for group in zip(*loaders, strict=False):
+        for k, batch in enumerate(group):
+            yield {**batch, "folder": k}
 
 
 def val_loader(shards: str, split: str, *, img_size: int, batch_size: int, num_workers: int,

@@ -11,7 +11,7 @@ from defectforge.training import TrainingKeys, validate_training_keys
 from .cutmix import MixConfig
 from .segmenter import SegmentationKeys, validate_segmentation_keys
 
-OBJECTIVES = ("classification", "segmentation")
+OBJECTIVES = ("classification", "segmentation", "mae")
 
 
 @dataclass
@@ -25,8 +25,9 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
 
     name: str = "pretrain"
     # segmentation: the network finetune builds (encoder + decoder + head, pretrain/segmenter.py) on the masks,
-    # loaded whole by finetune; classification: the timm backbone's multi-label head (+ the dense head)
-    objective: str = "classification"  # classification | segmentation
+    # loaded whole by finetune; classification: the timm backbone's multi-label head (+ the dense head);
+    # mae: masked-image modelling of ViTs/hybrids without labels (pretrain/mae.py), the encoder is kept
+    objective: str = "classification"  # classification | segmentation | mae
     # model (pretrain/models.py): any timm name or alias, built with pretrained=False
     model: str = "vit_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -36,6 +37,9 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
     dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
     dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
     aux_weight: float = 0.2  # segmentation: weight of the multi-label BCE of an auxiliary head (0 = no head)
+    mae_mask_ratio: float = 0.75  # mae: share of patch tokens hidden from the encoder and reconstructed
+    mae_decoder_dim: int = 128  # mae: width of the reconstruction decoder (discarded after pretraining)
+    mae_decoder_depth: int = 2  # mae: transformer blocks of the decoder
     # optimisation beyond the TrainingKeys (batch_size, lr, max_steps, ...)
     layer_decay: float | None = None  # e.g. 0.75: lr scaled by decay**(depth from the top) per block
     # mixing, augmentation on the device, data and bookkeeping: the MixConfig and TrainingKeys fields
@@ -54,6 +58,12 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
             require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective segmentation")
             require(self.weights is None, "weights", self.weights,
                     "null with objective segmentation (start it from random weights; or fine-tune from the weights)")
+        require(0 < self.mae_mask_ratio < 1, "mae_mask_ratio", self.mae_mask_ratio, "a number in (0, 1)")
+        require(self.mae_decoder_dim >= 8 and self.mae_decoder_dim % 4 == 0, "mae_decoder_dim", self.mae_decoder_dim,
+                "an integer >= 8, a multiple of 4 (four attention heads, sin-cos positions)")
+        require(self.mae_decoder_depth >= 1, "mae_decoder_depth", self.mae_decoder_depth, "an integer >= 1")
+        if self.objective == "mae":
+            require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective mae")
         self.mix.validate()
 
     @property

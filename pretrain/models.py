@@ -142,8 +142,8 @@ def _check_img_size(model: nn.Module, resolved: str, img_size: int | tuple[int, 
 def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | None, global_pool: str | None,
            drop_path_rate: float, kwargs: dict[str, Any]) -> nn.Module:
     resolved = resolve_model_name(name)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes < 0:  # 0: no classifier (timm's identity head), as objective mae builds it
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
     probe = probe_model(resolved)
     accepted = _init_params(probe) if probe is not None else set()
     kw: dict[str, Any] = dict(kwargs)

@@ -5,7 +5,8 @@ Per optimizer step on every process: `grad_accum` batches from the shard stream 
 -> the objective's losses -> AdamW, clipping, cosine schedule. `objective: classification`: BCE on the
 backbone's multi-label logits (+ cross-entropy of the dense head); `objective: segmentation`: the segmentation
 network that finetune builds (pretrain/segmenter.py), its loss on the mixed masks (+ the multi-label BCE of an
-auxiliary head), validated by mIoU and saved whole, so that finetune loads encoder, decoder and head.
+auxiliary head), validated by mIoU and saved whole, so that finetune loads encoder, decoder and head;
+`objective: mae`: masked-image modelling of a ViT (pretrain/mae.py), no labels, the encoder saved.
 
 The loop itself (checkpoints, exact resume, NaN stop, logging) is `defectforge/loop.py`, shared with finetune.
 """
@@ -25,7 +26,8 @@ from timm.data import resolve_data_config
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from defectforge.augment import augment_batch, build_augment
-from defectforge.data import to_device, train_loader, val_loader
+from defectforge.config import ConfigError
+from defectforge.data import folders_in_turn, merged_classes, to_device, train_loader, val_loader
 from defectforge.loop import NonFiniteLoss, Run, checkpoints  # noqa: F401  (re-exported)
 from defectforge.reader import make_dataset
 from defectforge.tracking import class_palette, mask_grid
@@ -33,6 +35,7 @@ from defectforge.training import Task, normalizer, run_task
 
 from .config import PretrainConfig
 from .cutmix import mix_batch
+from .mae import MaskedAutoencoder
 from .metrics import SegMetrics, multilabel_ap
 from .models import PretrainNet, create_backbone, model_config, save_model
 from .segmenter import SegLoss, auto_class_weights, build_segmenter, save_segmenter
@@ -194,13 +197,111 @@ class SegPretrainTask(PretrainTask):
         save_segmenter(model, run.run_dir, self.mcfg)
 
 
+def build_mae(cfg: PretrainConfig, classes: list[str]) -> tuple[MaskedAutoencoder, dict]:
+    """The timm encoder (no classifier) inside the MAE network, and the config its saved encoder is rebuilt from."""
+    backbone = create_backbone(cfg.model, num_classes=0, img_size=cfg.crop_size, global_pool=cfg.global_pool,
+                               weights=cfg.weights, drop_path_rate=cfg.drop_path_rate, skip_head=True,
+                               **cfg.model_kwargs)
+    net = MaskedAutoencoder(backbone, mask_ratio=cfg.mae_mask_ratio, decoder_dim=cfg.mae_decoder_dim,
+                            decoder_depth=cfg.mae_decoder_depth)
+    if cfg.crop_size % net.stride:
+        raise ConfigError(f"key 'crop_size': {cfg.crop_size} is not a multiple of {cfg.model}'s token stride "
+                          f"{net.stride} (objective mae reconstructs whole patches)")
+    data_cfg = resolve_data_config({}, model=backbone)
+    mcfg = model_config(cfg.model, num_classes=0, classes=classes, img_size=cfg.crop_size,
+                        global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
+                        std=data_cfg["std"])
+    mcfg["objective"] = "mae"
+    return net, mcfg
+
+
+def mae_param_groups(model: MaskedAutoencoder, cfg: PretrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, position/class tokens and the mask token."""
+    skip = {f"backbone.{n}" for n in model.backbone.no_weight_decay()} | {"mask_token"}
+    return param_groups_weight_decay(model, weight_decay=cfg.weight_decay, no_weight_decay_list=skip)
+
+
+class MAEPretrainTask(PretrainTask):
+    """`objective: mae`: masked-image modelling (pretrain/mae.py); labels and masks are not used, so the folders
+    may have different classes (synthetic shards and imported real images, read in turn)."""
+
+    def build(self, run: Run) -> torch.nn.Module:
+        cfg, acc = self.cfg, run.accelerator
+        self.folders = [str(s) for s in self.shards] if isinstance(self.shards, list | tuple) else [str(self.shards)]
+        self.classes, self.per_folder = merged_classes(self.folders)
+        if acc.is_main_process:
+            infos = [make_dataset(s, cfg.train_split).info or {} for s in self.folders]
+            (run.run_dir / "run_info.json").write_text(json.dumps({
+                "shards": self.folders, "sources": [i.get("source") for i in infos], "classes": self.per_folder,
+                "objective": "mae"}, indent=2) + "\n")
+        net, self.mcfg = build_mae(cfg, self.classes)
+        self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
+        self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
+        self.val = val_loader(self.folders[0], cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
+                              num_workers=min(cfg.num_workers, 1), classes=self.per_folder[0]) \
+            if cfg.val_split else None
+        return net
+
+    def param_groups(self, model: MaskedAutoencoder) -> list[dict]:
+        return mae_param_groups(model, self.cfg)
+
+    def loader(self, run: Run, epoch: int, batches: int):
+        cfg = self.cfg
+        return folders_in_turn(self.folders, self.per_folder, cfg.train_split, img_size=cfg.crop_size,
+                               batch_size=cfg.batch_size, batches=batches, world_size=run.accelerator.num_processes,
+                               num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                               epoch=epoch)
+
+    def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
+        images, masks = to_device(batch, run.accelerator.device)
+        images, _ = augment_batch(self.aug, images, masks)
+        return {"loss": model(self.normalize(images))["loss"]}
+
+    @torch.no_grad()
+    def validate(self, run: Run, model: MaskedAutoencoder, step: int) -> dict:
+        """The reconstruction loss over the validation split with masks fixed by `seed` (comparable between
+        validations), and RUN/mae_reconstructions.png of the first batch: input, what the encoder saw, output."""
+        acc = run.accelerator
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+        for i, batch in enumerate(self.val):
+            images, _ = to_device(batch, acc.device)
+            x = self.normalize(images)
+            with acc.autocast():
+                out = model(x, generator=gen)
+            total += out["loss"].float() * len(images)
+            count += len(images)
+            if i == 0 and acc.is_main_process:
+                masked, recon = model.reconstruct(x, out)
+                unnorm = self.normalize_inverse(acc.device)
+                rows = [images.float(), unnorm(masked), unnorm(recon).clamp(0, 1)]
+                grid = torch.cat([torch.cat(list(r[:8]), dim=-1) for r in rows], dim=-2)
+                run.save_image((grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8),
+                               run.run_dir / "mae_reconstructions.png", key="mae_reconstructions", step=step,
+                               caption="input (top), visible patches (middle), reconstruction (bottom)")
+        model.train(was_training)
+        total, count = acc.reduce(total, reduction="sum"), acc.reduce(count, reduction="sum")
+        return {"val_mae_loss": float(total / count.clamp_min(1)), "val_samples": int(count)}
+
+    def normalize_inverse(self, device):
+        m = torch.tensor(self.mcfg["mean"], device=device).view(1, -1, 1, 1)
+        s = torch.tensor(self.mcfg["std"], device=device).view(1, -1, 1, 1)
+        return lambda x: x.float() * s + m
+
+    def export(self, run: Run, model: MaskedAutoencoder) -> None:
+        save_model(model.backbone, run.run_dir, self.mcfg)
+
+
 def train(cfg: PretrainConfig, shards: str | list[str], run_dir: str | Path, *, progress: bool = True) -> dict:
     """Run (or resume) pretraining; returns a summary {step, val, checkpoint, model}.
 
     `shards`: one location, or several dataset folders with the same classes read as one stream (for example
-    procedural and diffusion shards); RUN/run_info.json records them and their `source`s.
+    procedural and diffusion shards); RUN/run_info.json records them and their `source`s. With `objective: mae`
+    the folders' classes may differ (they are read in turn, their masks unused).
     """
-    task = SegPretrainTask if cfg.objective == "segmentation" else PretrainTask
+    task = {"segmentation": SegPretrainTask, "mae": MAEPretrainTask}.get(cfg.objective, PretrainTask)
     return run_task(task(cfg, shards), run_dir, progress=progress)
 
 

@@ -23,7 +23,6 @@ folder (`save_pretrained`) with the EMA weights when `ema` is on, that `synth ge
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,8 @@ import torch.nn.functional as F
 from defectforge import __version__
 from defectforge.augment import augment_batch, build_augment
 from defectforge.config import require
-from defectforge.data import to_device, train_loader, val_loader
+from defectforge.data import folders_in_turn, merged_classes, to_device, val_loader
 from defectforge.loop import Run
-from defectforge.reader import make_dataset
 from defectforge.tracking import class_palette, mask_grid
 from defectforge.training import Task, TrainingKeys, run_task, validate_training_keys
 
@@ -108,15 +106,6 @@ class DiffusionTrainConfig(TrainingKeys):
         require(0.0 <= self.outside_weight <= 1.0, "outside_weight", self.outside_weight, "a number in [0, 1]")
         require(isinstance(self.sample_steps, int) and self.sample_steps >= 1, "sample_steps", self.sample_steps,
                 "an integer >= 1")
-
-
-def merged_classes(shards: list[str]) -> tuple[list[str], list[list[str]]]:
-    """The union of the folders' classes by name (background first) and each folder's own list."""
-    per_folder = [make_dataset(s, None).classes for s in shards]
-    union = ["background"]
-    for classes in per_folder:
-        union += [c for c in classes[1:] if c not in union]
-    return union, per_folder
 
 
 def make_regions(masks: torch.Tensor, cfg: DiffusionTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,16 +207,11 @@ class DiffusionTask(Task):
         return [{"params": list(model.parameters()), "weight_decay": self.cfg.weight_decay}]
 
     def loader(self, run: Run, epoch: int, batches: int):
-        cfg, acc = self.cfg, run.accelerator
-        per = math.ceil(batches / len(self.shards))
-        loaders = [train_loader(s, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size, batches=per,
-                                world_size=acc.num_processes, num_workers=cfg.num_workers,
-                                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed + 7919 * k, epoch=epoch,
-                                classes=self.per_folder[k], defect_crop=cfg.defect_crop)
-                   for k, s in enumerate(self.shards)]
-        for group in zip(*loaders, strict=False):
-            for k, batch in enumerate(group):
-                yield {**batch, "folder": k}
+        cfg = self.cfg
+        return folders_in_turn(self.shards, self.per_folder, cfg.train_split, img_size=cfg.crop_size,
+                               batch_size=cfg.batch_size, batches=batches, world_size=run.accelerator.num_processes,
+                               num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                               epoch=epoch, defect_crop=cfg.defect_crop)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         images, masks = to_device(batch, run.accelerator.device)
