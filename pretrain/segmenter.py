@@ -8,7 +8,10 @@
   FPN for HRNet, or any smp architecture named by ``architecture`` (U-Net, ...), all on ``tu-`` timm encoders.
 
 ``Segmenter`` pads every input to a multiple of the model's stride and crops the logits back, so any
-``H x W`` (100 x 70, a 4K tile at a border) gives ``(N, classes, H, W)``. The same network (encoder, decoder
+``H x W`` (100 x 70, a 4K tile at a border) gives ``(N, classes, H, W)``. smp's DPT reassembles the token grid by
+factors of two, which a patch-14 ViT (DINOv2) does not fit: its decoder is built as for patch 16 on the same
+grid (reassembled x4, x2, x1, x1/2) and the logits, 16/14 of the padded input, are resized to it. The same
+network (encoder, decoder
 and head) is built by `python -m pretrain` on synthetic masks and by `python -m finetune`, so that a
 segmentation pretraining run loads into fine-tuning whole (finetune/models.py `load_init`).
 """
@@ -83,9 +86,10 @@ class Segmenter(nn.Module):
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         out = self.net(x)
-        if isinstance(out, tuple):  # with the auxiliary classification head
-            return out[0][..., :h, :w], out[1]
-        return out[..., :h, :w]
+        out, labels = out if isinstance(out, tuple) else (out, None)  # with the auxiliary classification head
+        if out.shape[-2:] != x.shape[-2:]:  # a patch-14 DPT: logits at 16/14 of the padded input
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out[..., :h, :w] if labels is None else (out[..., :h, :w], labels)
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -164,6 +168,8 @@ def instantiate(mcfg: dict) -> Segmenter:
         net = cls(encoder_name="tu-" + mcfg["model"], encoder_weights=None, classes=mcfg["num_classes"], **kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as err:
         raise ValueError(f"cannot build {mcfg['smp_class']} on {mcfg['model']} with {kwargs}: {err}") from err
+    if mcfg["smp_class"] == "DPT":
+        _fit_dpt_decoder(net, kwargs)
     encoder = net.encoder.model
     stride = 32
     pe = getattr(encoder, "patch_embed", None)
@@ -172,6 +178,26 @@ def instantiate(mcfg: dict) -> Segmenter:
         ratio = pe.feat_ratio()
         stride = 2 * (max(ratio) if isinstance(ratio, tuple | list) else int(ratio))
     return Segmenter(net, int(stride))
+
+
+def _fit_dpt_decoder(net: nn.Module, kwargs: dict) -> None:
+    """A DPT on a patch stride that is no power of two (14): its decoder rebuilt as for stride 16 on the same
+    token grid (smp derives each level's resampling from the stride: x3.5 and x1.75 would not meet in the fusion)."""
+    import inspect
+
+    from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+    enc = net.encoder
+    if all(s & (s - 1) == 0 for s in enc.output_strides):
+        return
+    defaults = inspect.signature(smp.DPT.__init__).parameters
+    net.decoder = DPTDecoder(
+        encoder_out_channels=enc.out_channels, encoder_output_strides=[16] * len(enc.out_channels),
+        encoder_has_prefix_tokens=enc.has_prefix_tokens,
+        readout=kwargs.get("decoder_readout", defaults["decoder_readout"].default),
+        intermediate_channels=kwargs.get("decoder_intermediate_channels",
+                                         defaults["decoder_intermediate_channels"].default),
+        fusion_channels=kwargs.get("decoder_fusion_channels", defaults["decoder_fusion_channels"].default))
 
 
 def freeze_unused(model: Segmenter) -> list[str]:
