@@ -33,8 +33,9 @@ from defectforge.training import Task, normalizer, run_task
 
 from .config import PretrainConfig
 from .cutmix import mix_batch
+from .hub import combine, fetch_pretrained, file_record
 from .metrics import SegMetrics, multilabel_ap
-from .models import PretrainNet, create_backbone, model_config, save_model
+from .models import PretrainNet, create_backbone, model_config, resolve_model_name, save_model
 from .segmenter import SegLoss, auto_class_weights, build_segmenter, save_segmenter
 
 log = logging.getLogger("pretrain")
@@ -83,13 +84,16 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, loader, normalize
 
 
 def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, dict]:
+    hub = fetch_pretrained(resolve_model_name(cfg.model)) if cfg.pretrained else None
     backbone = create_backbone(cfg.model, num_classes=len(classes) - 1, img_size=cfg.crop_size,
                                global_pool=cfg.global_pool, weights=cfg.weights, drop_path_rate=cfg.drop_path_rate,
-                               skip_head=True, **cfg.model_kwargs)
-    data_cfg = resolve_data_config({}, model=backbone)
+                               skip_head=True, hub=hub, **cfg.model_kwargs)
+    # the normalisation of the weights' pretrained config (timm's default config of the name without weights)
+    data_cfg = hub.record if hub is not None else resolve_data_config({}, model=backbone)
     mcfg = model_config(cfg.model, num_classes=len(classes) - 1, classes=classes, img_size=cfg.crop_size,
                         global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
                         std=data_cfg["std"])
+    mcfg["weights"] = hub.record if hub is not None else file_record(cfg.weights) if cfg.weights else None
     return PretrainNet(backbone, len(classes) - 1, dense_head=cfg.dense_head), mcfg
 
 
@@ -102,12 +106,16 @@ class PretrainTask(Task):
         cfg, shards, acc = self.cfg, self.shards, run.accelerator
         probe = make_dataset(shards, cfg.train_split)
         self.classes = probe.classes
+        net, self.mcfg = self.make_model()
+        # what the saved model was pretrained on: the weights it started from, then this synthetic pretraining
+        self.mcfg["pretraining"] = combine((self.mcfg.get("weights") or {}).get("pretraining"), synthetic=True)
         if acc.is_main_process:
             info = probe.info or {}
             (run.run_dir / "run_info.json").write_text(json.dumps({
                 "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
-                "sources": info.get("sources") or [info.get("source")], "classes": self.classes}, indent=2) + "\n")
-        net, self.mcfg = self.make_model()
+                "sources": info.get("sources") or [info.get("source")], "classes": self.classes,
+                "weights": self.mcfg.get("weights"), "pretraining": self.mcfg["pretraining"],
+                "normalisation": {"mean": self.mcfg["mean"], "std": self.mcfg["std"]}}, indent=2) + "\n")
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         self.val = val_loader(shards, cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
