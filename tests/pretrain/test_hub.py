@@ -12,6 +12,7 @@ import timm
 import torch
 
 from defectforge.config import ConfigError, load_config
+from evaluate.run import describe
 from finetune.config import FinetuneConfig
 from finetune.train import train as finetune
 from pretrain.__main__ import main as pretrain_main
@@ -141,10 +142,14 @@ def test_runs_record_the_weights_and_the_hub_then_synthetic_chain(hub, shards, t
     for name, keys in runs.items():
         finetune(load_config(FinetuneConfig, None, {**common, "encoder_kwargs": SMALL_VIT, **keys}), str(shards),
                  tmp_path / name, progress=False)
-    saved = {name: json.loads((tmp_path / name / "model_config.json").read_text()) for name in runs}
-    assert {n: c["pretraining"] for n, c in saved.items()} == {
+    # what evaluation shows: model_config.json's record, through the model card
+    cards = {name: describe(tmp_path / name, json.loads((tmp_path / name / "model_config.json").read_text()))
+             for name in runs}
+    assert {n: c.pretraining for n, c in cards.items()} == {
         "hub": "ImageNet-21k", "hub-synthetic": f"ImageNet-21k + {SYNTHETIC}", "scratch": "none"}
-    assert saved["hub"]["weights"]["revision"] == saved["hub-synthetic"]["weights"]["revision"] == REV_A
+    assert cards["hub"].weights["revision"] == cards["hub-synthetic"].weights["revision"] == REV_A
+    assert [c.synthetic for c in cards.values()] == [False, True, False]
+    assert [c.pretrained for c in cards.values()] == [True, True, False]
     info = json.loads((tmp_path / "hub/run_info.json").read_text())
     assert info["weights"]["repo_id"] == f"timm/{VIT}" and info["pretraining"] == "ImageNet-21k"
 
