@@ -6,7 +6,11 @@ renders them. Rules (docs/evaluate.md, "The claims"):
   that did not learn takes part only when no model of its family learned (`_learned_first`); a claim that
   then involves a model that did not learn is "inconclusive: <run> did not learn" (the models a claim
   involves are every model it picks from, e.g. every CNN and every ViT for "CNNs are faster"). Claims about a
-  named pair (pretrained vs the same model from scratch, diffusion data or not) pick from every model;
+  named pair (synthetic pretraining or not from the same starting weights, diffusion data or not) pick from every
+  model;
+- "pretrained ViTs win" compares pretrained against pretrained: the best pretrained ViT against the best
+  pretrained CNN (published weights, synthetic pretraining or both), against the best CNN only when no CNN is
+  pretrained;
 - accuracy: a paired bootstrap over the evaluation images of the mIoU difference (`_better`);
 - speed and memory: medians of interleaved timed runs; the order counts only when the two models'
   interquartile ranges do not overlap (`_order`), and needs at least two runs each;
@@ -129,21 +133,31 @@ def _accuracy(title: str, a: ModelResult | None, b: ModelResult | None, what: st
     return Claim(title, *_better(a, b, what, margin), names)
 
 
+def _named(r: ModelResult | None) -> str:
+    return f"{r.name} (pretraining: {r.card.pretraining})" if r is not None else ""
+
+
 def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
     out = []
     pre_vits = _learned_first([r for r in _of(results, VIT) if r.card.pretrained])
-    cnns = _learned_first(_of(results, "CNN"))
+    pre_cnns = [r for r in _of(results, "CNN") if r.card.pretrained]
+    cnns = _learned_first(pre_cnns or _of(results, "CNN"))  # pretrained against pretrained, when there is one
     pv, cnn = _best(pre_vits, _miou), _best(cnns, _miou)
     out.append(_accuracy("Pretrained ViTs win on pixel accuracy", pv, cnn,
-                         f"{pv.name if pv else ''} vs best CNN {cnn.name if cnn else ''}", pre_vits + cnns, margin,
+                         f"{_named(pv)} vs best {'pretrained ' if pre_cnns else ''}CNN {_named(cnn)}"
+                         + ("" if pre_cnns else " (no CNN is pretrained here)"), pre_vits + cnns, margin,
                          "needs a pretrained ViT and a CNN"))
-    pairs = [(p, s) for p in pre_vits for s in _of(results, VIT) if not s.card.pretrained
-             and p.card.model == s.card.model and p.card.train_samples == s.card.train_samples]
+    # the same ViT with and without this study's synthetic pretraining, from the same starting weights (none, or the
+    # same published ones), fine-tuned on as many images
+    synthetic = _learned_first([r for r in _of(results, VIT) if r.card.synthetic])
+    pairs = [(p, s) for p in synthetic for s in _of(results, VIT) if not s.card.synthetic
+             and p.card.arch == s.card.arch and p.card.start == s.card.start
+             and p.card.train_samples == s.card.train_samples]
     p, s = max(pairs, key=lambda ps: _miou(ps[0])) if pairs else (None, None)
     out.append(_accuracy("Synthetic pretraining (with CutMix) makes ViTs viable", p, s,
-                         f"{p.name if p else ''} vs from scratch {s.name if s else ''}",
-                         list({r.name: r for pair in pairs for r in pair}.values()), margin,
-                         "needs the same ViT pretrained and from scratch"))
+                         f"{_named(p)} vs {_named(s)}", list({r.name: r for pair in pairs for r in pair}.values()),
+                         margin, "needs the same ViT with and without synthetic pretraining, from the same starting "
+                         "weights"))
     hybrids, plains = _learned_first(_of(results, "ViT-Hybrid")), _learned_first(_of(results, "ViT"))
     h, v = _best(hybrids, _miou), _best(plains, _miou)
     out.append(_accuracy("ViT-Hybrid (conv stem) improves mIoU", h, v, f"{h.name if h else ''} vs "
@@ -218,7 +232,8 @@ def _diffused(r: ModelResult) -> bool:
 
 def _diffusion_claim(results: list[ModelResult], margin: float) -> list[Claim]:
     pairs = [(d, p) for d in results for p in results if _diffused(d) and p.card.pretrain_sources and not _diffused(p)
-             and d.card.model == p.card.model and d.card.train_samples == p.card.train_samples]
+             and d.card.arch == p.card.arch and d.card.start == p.card.start
+             and d.card.train_samples == p.card.train_samples]
     if not pairs:  # only when the study pretrained the same model with and without diffusion data
         return []
     d, p = max(pairs, key=lambda dp: _miou(dp[0]))

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pretrain.hub import NONE, SYNTHETIC, combine
+
 if TYPE_CHECKING:
     from .claims import Claim
     from .config import EvalConfig
@@ -19,13 +21,35 @@ class ModelCard:
     """Which model a result belongs to (from the run's model_config.json and run_info.json)."""
     name: str
     run: str
-    model: str  # timm name
+    model: str  # timm name (with the tag of its published weights, when it names one)
     architecture: str | None  # smp class (Unet, DPT, ...)
     family: str  # ViT, ViT-Hybrid, Swin or CNN (pretrain.models.model_family)
     init: str | None = None  # the pretrain run it started from
-    pretrained: bool = False
+    pretrained: bool = False  # any pretraining: published weights, synthetic pretraining or both
     pretrain_sources: list[str] | None = None  # what made the pretraining data (procedural, inpaint, ...)
     train_samples: int | None = None
+    # "ImageNet-21k", "DINOv2 LVD-142M", "synthetic (this study)", "ImageNet-21k + synthetic (this study)", "none"
+    pretraining: str | None = None
+    synthetic: bool | None = None  # its pretraining includes this study's synthetic pretraining
+    weights: dict | None = None  # the published weights it started from: repo_id, revision, file, license, ...
+
+    def __post_init__(self) -> None:
+        # a card made without the pretraining fields: `pretrained` then means synthetic pretraining, as it once did
+        if self.synthetic is None:
+            self.synthetic = self.pretrained if self.pretraining is None else SYNTHETIC in self.pretraining.split(" + ")
+        if self.pretraining is None:
+            self.pretraining = combine(None, self.synthetic)
+        self.pretrained = self.pretrained or self.pretraining != NONE
+
+    @property
+    def arch(self) -> str:
+        """The timm architecture, without the tag that picks published weights."""
+        return self.model.split(".")[0]
+
+    @property
+    def start(self) -> str:
+        """The pretraining before this study's synthetic pretraining ("ImageNet-21k", or "none")."""
+        return " + ".join(p for p in self.pretraining.split(" + ") if p != SYNTHETIC) or NONE
 
 
 @dataclass

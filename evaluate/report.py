@@ -188,7 +188,7 @@ def _results_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> Non
     rows = []
     for r in results:
         m, t = r.metrics, r.cost.tiled
-        rows.append([r.name, r.family, r.card.model, "yes" if r.card.pretrained else "no",
+        rows.append([r.name, r.family, r.card.model, r.card.pretraining,
                      _fmt(r.card.train_samples), "yes" if r.learned.learned else f"did not learn ({r.learned.reason})",
                      _fmt(m.mIoU), _fmt(m.defect_mIoU), _fmt(m.ODS_F1), _fmt(m.OIS_F1), _fmt(m.pixel_AP),
                      _fmt(m.image_AP), f"{_fmt(t.seconds_per_image, 2)} ({_fmt(t.seconds_q1, 2)}-"
@@ -196,12 +196,29 @@ def _results_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> Non
                      _fmt(t.tiles_per_s, 1), f"{_fmt(t.peak_memory_bytes / GB, 2)} (+{_fmt(_mem(r), 2)})",
                      _fmt(r.cost.parameters / 1e6, 1), _fmt(r.cost.gflops_per_tile, 1),
                      f"{_fmt(m.seam_ratio_no_overlap, 2)} -> {_fmt(m.seam_ratio, 2)}"])
-    doc.table(["run", "family", "timm model", "pretrained", "train images", "learned", "mIoU", "defect mIoU",
+    doc.table(["run", "family", "timm model", "pretraining", "train images", "learned", "mIoU", "defect mIoU",
                f"ODS F1 ({cfg.tolerance} px)", "OIS F1", "pixel AP", "image AP",
                "s / 4K image: median (IQR; min-max)", "tiles/s", "peak memory GB (+ median during inference)",
                "params (M)", "GFLOPs / tile", f"seam / other error, overlap 0 -> {cfg.overlap:.0%}"], rows)
     doc.para(f"learned: a model whose defect mIoU is below learned_floor = {cfg.learned_floor:.3f}, or whose "
              "prediction is one class everywhere, did not learn; every claim that involves it is inconclusive.")
+
+
+def _weights_table(doc: Doc, results: list[ModelResult]) -> None:
+    """Where each model's starting weights came from: the Hub repository and revision loaded, or a local file."""
+    if not any(r.card.weights for r in results):
+        return
+    doc.heading("Pretrained weights")
+    rows = []
+    for r in results:
+        w = r.card.weights or {}
+        source = f"{w['repo_id']} @ {str(w.get('revision'))[:12]}, {w.get('file')}" if w.get("repo_id") else \
+            w.get("path", "none (random initialisation)")
+        rows.append([r.name, r.card.pretraining, source, w.get("license") or "n/a"])
+    doc.table(["run", "pretraining", "weights (Hugging Face repository @ revision, or file)", "licence"], rows)
+    doc.para("Published weights were loaded through the Hugging Face Hub cache with `pretrained: true`; "
+             "\"synthetic (this study)\" is the synthetic pretraining run a model was initialised from. Each model "
+             "was normalised with the mean/std of its weights' timm config.")
 
 
 def _tradeoff_table(doc: Doc, results: list[ModelResult]) -> None:
@@ -297,6 +314,7 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
              + _damage_note(evaluation.data_damage))
     doc.heading("Results per model")
     _results_table(doc, results, cfg)
+    _weights_table(doc, results)
     doc.heading("Per class")
     doc.table(["run", "class", "IoU", "Dice", "precision", "recall"],
               [[r.name, name, _fmt(v["IoU"]), _fmt(v["Dice"]), _fmt(v["precision"]), _fmt(v["recall"])]
@@ -330,12 +348,12 @@ def _to_wandb(out: Path, evaluation: Evaluation) -> None:
     kwargs = wandb_init_kwargs(out, name=cfg.name, group=cfg.study, run_id=os.urandom(4).hex(), job_type="evaluate")
     run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), **kwargs)
     try:
-        columns = ["run", "family", "model", "pretrained", "train_samples", "learned", "mIoU", "defect_mIoU",
+        columns = ["run", "family", "model", "pretraining", "train_samples", "learned", "mIoU", "defect_mIoU",
                    "ODS_F1", "seconds_per_4k", "seconds_q1", "seconds_q3", "peak_memory_gb", "params_m"]
         table = wandb.Table(columns=columns)
         for r in evaluation.results:
             t = r.cost.tiled
-            table.add_data(r.name, r.family, r.card.model, r.card.pretrained, r.card.train_samples,
+            table.add_data(r.name, r.family, r.card.model, r.card.pretraining, r.card.train_samples,
                            r.learned.learned, r.metrics.mIoU, r.metrics.defect_mIoU, r.metrics.ODS_F1,
                            t.seconds_per_image, t.seconds_q1, t.seconds_q3, t.peak_memory_bytes / GB,
                            r.cost.parameters / 1e6)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from defectforge.files import claim_output, write_atomic
 from defectforge.reader import SKIP_RECORD, allow_damaged, damage_found, make_dataset, read_location_info
+from pretrain.hub import NONE, SYNTHETIC
 from pretrain.models import model_family
 from pretrain.segmenter import load_segmenter
 
@@ -58,9 +59,12 @@ def describe(run_dir: Path, mcfg: dict) -> ModelCard:
     pre_info = Path(init) / "run_info.json" if init else None
     if pre_info is not None and pre_info.is_file():
         sources = sorted({str(s) for s in json.loads(pre_info.read_text()).get("sources") or [] if s})
+    # recorded by the run; a run saved before pretraining was recorded had synthetic pretraining exactly with an init
+    pretraining = mcfg.get("pretraining") or (SYNTHETIC if init else NONE)
     return ModelCard(name=run_dir.name, run=str(run_dir), model=mcfg["model"], architecture=mcfg.get("smp_class"),
-                     family=model_family(mcfg["model"]), init=init, pretrained=bool(init), pretrain_sources=sources,
-                     train_samples=info.get("train_samples"))
+                     family=model_family(mcfg["model"]), init=init, pretrained=pretraining != NONE,
+                     pretrain_sources=sources, train_samples=info.get("train_samples"), pretraining=pretraining,
+                     weights=mcfg.get("weights"))
 
 
 def _prepare(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:

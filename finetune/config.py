@@ -14,7 +14,10 @@ from pretrain.segmenter import SegmentationKeys, validate_segmentation_keys
 class FinetuneConfig(TrainingKeys, SegmentationKeys):
     name: str = "finetune"
     # model (finetune/models.py): a timm encoder inside a segmentation-models-pytorch architecture
-    model: str = "vit_tiny"  # timm name or alias (pretrain/models.py ALIASES)
+    model: str = "vit_tiny"  # timm name (arch.tag picks published weights and their mean/std) or alias
+    # the encoder starts from the published weights of `model`, taken from the Hugging Face Hub cache (downloaded
+    # into it unless HF_HUB_OFFLINE=1; pretrain/hub.py); the default false starts from random weights or `init`
+    pretrained: bool = False  # the model's published timm weights via the Hub cache (HF_HOME, HF_HUB_OFFLINE)
     # architecture, decoder_kwargs, output_stride and the loss keys: SegmentationKeys (pretrain/segmenter.py)
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
     init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
@@ -49,6 +52,9 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
             isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v))
             for v in self.class_map.values())), "class_map", self.class_map,
             "null or a mapping {target class: pretraining class or [classes]}")
+        require(not (self.pretrained and self.init), "init", self.init,
+                "null with pretrained=true (the init's weights would replace the published ones; for published then "
+                "synthetic pretraining, set pretrained=true on the pretrain run and init it here)")
         require(self.class_map is None or self.init is not None or self.synthetic_shards is not None, "class_map",
                 self.class_map, "null without an init or synthetic_shards (it maps their classes)")
         require(isinstance(self.synthetic_ratio, int | float) and 0 < self.synthetic_ratio < 1, "synthetic_ratio",

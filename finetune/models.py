@@ -17,6 +17,7 @@ import torch
 from timm.models._manipulate import group_with_matcher
 from torch import nn
 
+from pretrain.hub import NONE, SYNTHETIC, file_record
 from pretrain.models import CONFIG_FILE, WEIGHTS_FILE, load_weights, probe_model, read_state_dict
 from pretrain.segmenter import IGNORE, Segmenter
 
@@ -79,6 +80,20 @@ def load_init(model: Segmenter, init: str | Path, mcfg: dict, class_map: dict | 
     if segmentation_run:
         report.update(transfer_head(model, read_state_dict(weights), saved, mcfg, class_map))
     return report
+
+
+def init_pretraining(init: str | Path, resolved: str) -> tuple[dict | None, str]:
+    """What `init` was pretrained on: the record of the published (or local) weights its chain started from, and
+    its pretraining label ("ImageNet-21k + synthetic (this study)", "synthetic (this study)", "local file X")."""
+    weights, saved = _init_file(init, resolved)
+    if saved is None:  # a bare timm weights file
+        record = file_record(weights)
+        return record, record["pretraining"]
+    label = saved.get("pretraining")
+    if label is None:  # a run saved before the pretraining was recorded: a pretrain run, or a fine-tuning
+        pretrain_run = saved.get("architecture") == "timm" or saved.get("objective") == "segmentation"
+        label = SYNTHETIC if pretrain_run or saved.get("init") else NONE
+    return saved.get("weights"), label
 
 
 def map_classes(target: list[str], source: list[str], class_map: dict | None) -> dict[str, list[str] | str]:

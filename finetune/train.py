@@ -24,11 +24,12 @@ from defectforge.reader import list_keys, make_dataset
 from defectforge.shards import ShardError
 from defectforge.tracking import class_palette, mask_grid
 from defectforge.training import Task, normalizer, run_task
+from pretrain.hub import combine
 from pretrain.metrics import SegMetrics
 from pretrain.segmenter import SegLoss, Segmenter, auto_class_weights, build_segmenter, save_segmenter
 
 from .config import FinetuneConfig
-from .models import class_lut, freeze, load_init
+from .models import class_lut, freeze, init_pretraining, load_init
 
 log = logging.getLogger("finetune")
 PANEL_SIDE = 256
@@ -135,6 +136,9 @@ class FinetuneTask(Task):
                 raise ConfigError(f"key 'class_map': init {cfg.init} is not a segmentation run and there are no "
                                   "synthetic_shards, so nothing has classes to map")
             self.mcfg["init"] = str(cfg.init)
+            self.mcfg["weights"], self.mcfg["pretraining"] = init_pretraining(cfg.init, self.mcfg["model"])
+        else:  # the published weights (pretrained=true) or none
+            self.mcfg["pretraining"] = combine((self.mcfg["weights"] or {}).get("pretraining"), synthetic=False)
         frozen = freeze(model, cfg.freeze, self.mcfg["model"]) if cfg.freeze is not None else []
         weights = auto_class_weights(shards, cfg.train_split, classes, self.subset) \
             if cfg.class_weights == "auto" else None
@@ -145,6 +149,8 @@ class FinetuneTask(Task):
             report = self.init_report
             (run.run_dir / "run_info.json").write_text(json.dumps({
                 "init": str(cfg.init) if cfg.init else None,
+                "weights": self.mcfg["weights"], "pretraining": self.mcfg["pretraining"],
+                "normalisation": {"mean": self.mcfg["mean"], "std": self.mcfg["std"]},
                 "init_report": {k: (len(v), v if isinstance(v, dict) else v[:20]) for k, v in report.items()}
                 if report else None,
                 "frozen": len(frozen), "class_weights": weights or cfg.class_weights,

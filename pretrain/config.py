@@ -28,10 +28,13 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
     # loaded whole by finetune; classification: the timm backbone's multi-label head (+ the dense head);
     # mae: masked-image modelling of ViTs/hybrids without labels (pretrain/mae.py), the encoder is kept
     objective: str = "classification"  # classification | segmentation | mae
-    # model (pretrain/models.py): any timm name or alias, built with pretrained=False
+    # model (pretrain/models.py): any timm name (arch.tag picks published weights and their mean/std) or alias
     model: str = "vit_tiny"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     global_pool: str | None = None  # null = the model's default; ViTs: token (CLS) | avg (GAP) | ...
+    # start from the published weights of `model`, taken from the Hugging Face Hub cache (downloaded into it unless
+    # HF_HUB_OFFLINE=1; pretrain/hub.py); the default false starts from random weights or from `weights`
+    pretrained: bool = False  # the model's published timm weights via the Hub cache (HF_HOME, HF_HUB_OFFLINE)
     weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
     drop_path_rate: float = 0.0
     dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
@@ -53,6 +56,8 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
         require(self.dense_weight >= 0, "dense_weight", self.dense_weight, "a number >= 0")
         require(self.objective in OBJECTIVES, "objective", self.objective, f"one of {', '.join(OBJECTIVES)}")
         require(self.aux_weight >= 0, "aux_weight", self.aux_weight, "a number >= 0")
+        require(not (self.pretrained and self.weights), "weights", self.weights,
+                "null with pretrained=true (both name the initial weights: a local file, or the published ones)")
         validate_segmentation_keys(self)
         if self.objective == "segmentation":
             require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective segmentation")

@@ -1,7 +1,8 @@
-"""Backbone factory (timm, never a hub download), weights I/O and the pretraining network.
+"""Backbone factory (timm), weights I/O and the pretraining network.
 
-Every model is built with ``pretrained=False``; weights only ever come from a local file the user names
-(``load_weights``). Runs are saved as ``model.safetensors`` + ``model_config.json`` so that ``load_model``
+Models start from random weights unless the user asks for others: a local file (``load_weights``) or, with
+``pretrained: true``, the model's published timm weights through the Hugging Face Hub cache (pretrain/hub.py).
+ Runs are saved as ``model.safetensors`` + ``model_config.json`` so that ``load_model``
 can rebuild the exact architecture without the training config.
 
 Notes on families (timm 1.0.x):
@@ -38,6 +39,8 @@ from torch import Tensor, nn
 
 from defectforge.files import write_atomic
 
+from .hub import HubWeights, mismatch
+
 logger = logging.getLogger(__name__)
 
 # Only names that are not timm models themselves, so an alias never hides a real architecture
@@ -67,7 +70,7 @@ def resolve_model_name(name: str) -> str:
     known = timm.list_models()
     if key in known:
         return key
-    # "arch.tag" names only select a pretrained_cfg (mean/std); no weights are fetched with pretrained=False.
+    # "arch.tag" names select a pretrained_cfg (mean/std) and, with pretrained: true, the weights loaded.
     if "." in key and key.split(".", 1)[0] in known and key in timm.list_pretrained(key):
         return key
     close = difflib.get_close_matches(key, known + list(ALIASES), n=5, cutoff=0.0)
@@ -140,7 +143,7 @@ def _check_img_size(model: nn.Module, resolved: str, img_size: int | tuple[int, 
 
 
 def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | None, global_pool: str | None,
-           drop_path_rate: float, kwargs: dict[str, Any]) -> nn.Module:
+           drop_path_rate: float, kwargs: dict[str, Any], hub: HubWeights | None = None) -> nn.Module:
     resolved = resolve_model_name(name)
     if num_classes < 0:  # 0: no classifier (timm's identity head), as objective mae builds it
         raise ValueError(f"num_classes must be >= 0, got {num_classes}")
@@ -167,7 +170,12 @@ def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | Non
             raise ValueError(f"{resolved} ({type(probe).__name__}) does not support drop_path_rate")
         kw["drop_path_rate"] = drop_path_rate
     try:
-        model = timm.create_model(resolved, pretrained=False, num_classes=num_classes, **kw)
+        model = timm.create_model(resolved, num_classes=num_classes, **kw,
+                                  **(hub.timm_kwargs() if hub is not None else {"pretrained": False}))
+    except RuntimeError as err:  # timm's strict load: the published tensors do not fit the model built
+        if hub is None:
+            raise
+        raise mismatch(hub, resolved, kw, err) from err
     except (AssertionError, TypeError) as err:
         raise ValueError(f"cannot build {resolved} with {kw}: {err}") from err
     if img_size is not None and "img_size" in kw:
@@ -177,18 +185,23 @@ def _build(name: str, *, num_classes: int, img_size: int | tuple[int, int] | Non
 
 def create_backbone(name: str, *, num_classes: int, img_size: int | tuple[int, int] | None = None,
                     global_pool: str | None = None, weights: str | Path | None = None, drop_path_rate: float = 0.0,
-                    skip_head: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a timm model (``pretrained=False``) and optionally load a local weights file into it.
+                    skip_head: bool = False, hub: HubWeights | None = None, **kwargs: Any) -> nn.Module:
+    """Build a timm model and optionally load a local weights file, or its published weights `hub`, into it.
 
     ``img_size`` reaches only models whose class takes it (ViT, hybrids, Swin), which also get
-    ``dynamic_img_size=True``. ``skip_head`` is passed on to ``load_weights``.
+    ``dynamic_img_size=True``. ``skip_head`` is passed on to ``load_weights``. ``hub`` (from
+    ``pretrain.hub.fetch_pretrained``) is loaded by timm itself; its classifier is dropped when the class count
+    differs, and a position embedding is resampled to ``img_size``.
     """
+    if weights is not None and hub is not None:
+        raise ValueError("weights=FILE and pretrained=true both name the initial weights: set one of them")
     model = _build(name, num_classes=num_classes, img_size=img_size, global_pool=global_pool,
-                   drop_path_rate=drop_path_rate, kwargs=kwargs)
+                   drop_path_rate=drop_path_rate, kwargs=kwargs, hub=hub)
     if weights is not None:
         load_weights(model, weights, skip_head=skip_head)
-    else:
-        logger.info("%s starts from random initialisation (no weights file given)", resolve_model_name(name))
+    elif hub is None:
+        logger.info("%s starts from random initialisation (no weights file given, pretrained=false)",
+                    resolve_model_name(name))
     return model
 
 

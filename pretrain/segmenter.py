@@ -1,5 +1,6 @@
 """Segmentation networks shared by pretraining (`objective: segmentation`) and fine-tuning: a timm encoder
-(``pretrained=False``) inside a segmentation-models-pytorch architecture, its loss, and its keys.
+(random, or its published weights with ``pretrained: true``) inside a segmentation-models-pytorch architecture,
+its loss, and its keys.
 
 - ViTs and ViT-hybrids: smp's DPT, which reads multi-level features through timm's ``forward_intermediates``
   (``dynamic_img_size=True``, so any input size works) and fuses them by progressive upsampling. Its default
@@ -8,9 +9,14 @@
   FPN for HRNet, or any smp architecture named by ``architecture`` (U-Net, ...), all on ``tu-`` timm encoders.
 
 ``Segmenter`` pads every input to a multiple of the model's stride and crops the logits back, so any
-``H x W`` (100 x 70, a 4K tile at a border) gives ``(N, classes, H, W)``. The same network (encoder, decoder
-and head) is built by `python -m pretrain` on synthetic masks and by `python -m finetune`, so that a
-segmentation pretraining run loads into fine-tuning whole (finetune/models.py `load_init`).
+``H x W`` (100 x 70, a 4K tile at a border) gives ``(N, classes, H, W)``. smp's DPT reassembles the token grid by
+factors of two, which a patch-14 ViT (DINOv2) does not fit: its decoder is built as for patch 16 on the same
+grid (reassembled x4, x2, x1, x1/2) and the logits, 16/14 of the padded input, are resized to it. The same
+network (encoder, decoder and head) is built by `python -m pretrain` on synthetic masks and by `python -m finetune`,
+so that a segmentation pretraining run loads into fine-tuning whole (finetune/models.py `load_init`).
+
+``pretrained: true`` builds the encoder with its published timm weights (pretrain/hub.py); the model config
+records them (`weights`: repository, revision, licence) and the normalisation is theirs.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from torch import nn
 from defectforge.config import ConfigError, require
 from defectforge.reader import make_dataset
 
+from .hub import HubWeights, fetch_pretrained, mismatch
 from .models import family_of, load_run, probe_model, resolve_model_name, save_model
 
 log = logging.getLogger(__name__)
@@ -83,9 +90,10 @@ class Segmenter(nn.Module):
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
         out = self.net(x)
-        if isinstance(out, tuple):  # with the auxiliary classification head
-            return out[0][..., :h, :w], out[1]
-        return out[..., :h, :w]
+        out, labels = out if isinstance(out, tuple) else (out, None)  # with the auxiliary classification head
+        if out.shape[-2:] != x.shape[-2:]:  # a patch-14 DPT: logits at 16/14 of the padded input
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out[..., :h, :w] if labels is None else (out[..., :h, :w], labels)
 
     def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
@@ -114,11 +122,14 @@ def build_segmenter(cfg: SegmentationKeys, classes: list[str], *, encoder_kwargs
                     aux_head: bool = False) -> tuple[Segmenter, dict]:
     """The model of `cfg` for `classes` (background first) and the config that `load_segmenter` rebuilds it from.
 
-    `cfg` gives `model`, `crop_size` and the SegmentationKeys; `encoder_kwargs` (default `cfg.encoder_kwargs`)
-    go to timm. `aux_head=True` adds smp's classification head on the deepest features (one logit per defect
-    class; the model then returns `(mask_logits, label_logits)`), the multi-label auxiliary of pretraining.
+    `cfg` gives `model`, `crop_size`, `pretrained` and the SegmentationKeys; `encoder_kwargs` (default
+    `cfg.encoder_kwargs`) go to timm. `aux_head=True` adds smp's classification head on the deepest features (one
+    logit per defect class; the model then returns `(mask_logits, label_logits)`), the multi-label auxiliary of
+    pretraining. With `pretrained: true` the encoder starts from the published weights of `model` (the config's
+    `weights` records their repository and revision; mean/std are theirs).
     """
     resolved = resolve_model_name(cfg.model)
+    hub = fetch_pretrained(resolved) if getattr(cfg, "pretrained", False) else None
     probe = probe_model(resolved)
     arch = cfg.architecture if cfg.architecture != "auto" else default_architecture(resolved, probe)
     enc_kw = dict(cfg.encoder_kwargs if encoder_kwargs is None else encoder_kwargs)
@@ -139,15 +150,19 @@ def build_segmenter(cfg: SegmentationKeys, classes: list[str], *, encoder_kwargs
             "encoder_kwargs": enc_kw, "decoder_kwargs": arch_kw, "num_classes": len(classes),
             "classes": list(classes), "crop_size": cfg.crop_size,
             "aux_classes": len(classes) - 1 if aux_head else 0}
-    model = instantiate(mcfg)
+    model = instantiate(mcfg, hub)
     freeze_unused(model)
     data_cfg = resolve_data_config({}, model=model.encoder)
     mcfg["mean"], mcfg["std"] = [float(v) for v in data_cfg["mean"]], [float(v) for v in data_cfg["std"]]
+    if hub is not None:  # the normalisation the weights were trained with
+        mcfg["mean"], mcfg["std"] = hub.record["mean"], hub.record["std"]
+    mcfg["weights"] = hub.record if hub is not None else None
     mcfg["stride"] = model.stride
     return model, mcfg
 
 
-def instantiate(mcfg: dict) -> Segmenter:
+def instantiate(mcfg: dict, hub: HubWeights | None = None) -> Segmenter:
+    """The smp model of `mcfg` (random weights, or the encoder's published weights `hub`), padded to its stride."""
     cls = getattr(smp, mcfg["smp_class"], None)
     if cls is None:
         raise ValueError(f"segmentation-models-pytorch has no architecture {mcfg['smp_class']!r}")
@@ -160,10 +175,17 @@ def instantiate(mcfg: dict) -> Segmenter:
         kwargs["decoder_intermediate_channels"] = tuple(kwargs["decoder_intermediate_channels"])
     if mcfg.get("aux_classes"):
         kwargs["aux_params"] = {"classes": mcfg["aux_classes"]}
+    if hub is not None:  # smp passes the overlay on to timm.create_model, which loads the file
+        kwargs["pretrained_cfg_overlay"] = hub.timm_kwargs()["pretrained_cfg_overlay"]
     try:
-        net = cls(encoder_name="tu-" + mcfg["model"], encoder_weights=None, classes=mcfg["num_classes"], **kwargs)
+        net = cls(encoder_name="tu-" + mcfg["model"], encoder_weights=True if hub is not None else None,
+                  classes=mcfg["num_classes"], **kwargs)
     except (ValueError, TypeError, AssertionError, RuntimeError) as err:
+        if hub is not None and isinstance(err, RuntimeError):
+            raise mismatch(hub, mcfg["model"], mcfg["encoder_kwargs"], err) from err
         raise ValueError(f"cannot build {mcfg['smp_class']} on {mcfg['model']} with {kwargs}: {err}") from err
+    if mcfg["smp_class"] == "DPT":
+        _fit_dpt_decoder(net, kwargs)
     encoder = net.encoder.model
     stride = 32
     pe = getattr(encoder, "patch_embed", None)
@@ -172,6 +194,26 @@ def instantiate(mcfg: dict) -> Segmenter:
         ratio = pe.feat_ratio()
         stride = 2 * (max(ratio) if isinstance(ratio, tuple | list) else int(ratio))
     return Segmenter(net, int(stride))
+
+
+def _fit_dpt_decoder(net: nn.Module, kwargs: dict) -> None:
+    """A DPT on a patch stride that is no power of two (14): its decoder rebuilt as for stride 16 on the same
+    token grid (smp derives each level's resampling from the stride: x3.5 and x1.75 would not meet in the fusion)."""
+    import inspect
+
+    from segmentation_models_pytorch.decoders.dpt.decoder import DPTDecoder
+
+    enc = net.encoder
+    if all(s & (s - 1) == 0 for s in enc.output_strides):
+        return
+    defaults = inspect.signature(smp.DPT.__init__).parameters
+    net.decoder = DPTDecoder(
+        encoder_out_channels=enc.out_channels, encoder_output_strides=[16] * len(enc.out_channels),
+        encoder_has_prefix_tokens=enc.has_prefix_tokens,
+        readout=kwargs.get("decoder_readout", defaults["decoder_readout"].default),
+        intermediate_channels=kwargs.get("decoder_intermediate_channels",
+                                         defaults["decoder_intermediate_channels"].default),
+        fusion_channels=kwargs.get("decoder_fusion_channels", defaults["decoder_fusion_channels"].default))
 
 
 def freeze_unused(model: Segmenter) -> list[str]:

@@ -35,9 +35,10 @@ from defectforge.training import Task, normalizer, run_task
 
 from .config import PretrainConfig
 from .cutmix import mix_batch
+from .hub import NONE, combine, fetch_pretrained, file_record
 from .mae import MaskedAutoencoder
 from .metrics import SegMetrics, multilabel_ap
-from .models import PretrainNet, create_backbone, model_config, save_model
+from .models import PretrainNet, create_backbone, model_config, resolve_model_name, save_model
 from .segmenter import SegLoss, auto_class_weights, build_segmenter, save_segmenter
 
 log = logging.getLogger("pretrain")
@@ -86,13 +87,16 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, loader, normalize
 
 
 def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, dict]:
+    hub = fetch_pretrained(resolve_model_name(cfg.model)) if cfg.pretrained else None
     backbone = create_backbone(cfg.model, num_classes=len(classes) - 1, img_size=cfg.crop_size,
                                global_pool=cfg.global_pool, weights=cfg.weights, drop_path_rate=cfg.drop_path_rate,
-                               skip_head=True, **cfg.model_kwargs)
-    data_cfg = resolve_data_config({}, model=backbone)
+                               skip_head=True, hub=hub, **cfg.model_kwargs)
+    # the normalisation of the weights' pretrained config (timm's default config of the name without weights)
+    data_cfg = hub.record if hub is not None else resolve_data_config({}, model=backbone)
     mcfg = model_config(cfg.model, num_classes=len(classes) - 1, classes=classes, img_size=cfg.crop_size,
                         global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
                         std=data_cfg["std"])
+    mcfg["weights"] = hub.record if hub is not None else file_record(cfg.weights) if cfg.weights else None
     return PretrainNet(backbone, len(classes) - 1, dense_head=cfg.dense_head), mcfg
 
 
@@ -105,12 +109,16 @@ class PretrainTask(Task):
         cfg, shards, acc = self.cfg, self.shards, run.accelerator
         probe = make_dataset(shards, cfg.train_split)
         self.classes = probe.classes
+        net, self.mcfg = self.make_model()
+        # what the saved model was pretrained on: the weights it started from, then this synthetic pretraining
+        self.mcfg["pretraining"] = combine((self.mcfg.get("weights") or {}).get("pretraining"), synthetic=True)
         if acc.is_main_process:
             info = probe.info or {}
             (run.run_dir / "run_info.json").write_text(json.dumps({
                 "shards": [str(s) for s in shards] if isinstance(shards, list | tuple) else [str(shards)],
-                "sources": info.get("sources") or [info.get("source")], "classes": self.classes}, indent=2) + "\n")
-        net, self.mcfg = self.make_model()
+                "sources": info.get("sources") or [info.get("source")], "classes": self.classes,
+                "weights": self.mcfg.get("weights"), "pretraining": self.mcfg["pretraining"],
+                "normalisation": {"mean": self.mcfg["mean"], "std": self.mcfg["std"]}}, indent=2) + "\n")
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         self.val = val_loader(shards, cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
@@ -198,20 +206,23 @@ class SegPretrainTask(PretrainTask):
 
 
 def build_mae(cfg: PretrainConfig, classes: list[str]) -> tuple[MaskedAutoencoder, dict]:
-    """The timm encoder (no classifier) inside the MAE network, and the config its saved encoder is rebuilt from."""
+    """The timm encoder (no classifier; random, `weights`, or its published weights with `pretrained`) inside the
+    MAE network, and the config its saved encoder is rebuilt from."""
+    hub = fetch_pretrained(resolve_model_name(cfg.model)) if cfg.pretrained else None
     backbone = create_backbone(cfg.model, num_classes=0, img_size=cfg.crop_size, global_pool=cfg.global_pool,
-                               weights=cfg.weights, drop_path_rate=cfg.drop_path_rate, skip_head=True,
+                               weights=cfg.weights, drop_path_rate=cfg.drop_path_rate, skip_head=True, hub=hub,
                                **cfg.model_kwargs)
     net = MaskedAutoencoder(backbone, mask_ratio=cfg.mae_mask_ratio, decoder_dim=cfg.mae_decoder_dim,
                             decoder_depth=cfg.mae_decoder_depth)
     if cfg.crop_size % net.stride:
         raise ConfigError(f"key 'crop_size': {cfg.crop_size} is not a multiple of {cfg.model}'s token stride "
                           f"{net.stride} (objective mae reconstructs whole patches)")
-    data_cfg = resolve_data_config({}, model=backbone)
+    data_cfg = hub.record if hub is not None else resolve_data_config({}, model=backbone)
     mcfg = model_config(cfg.model, num_classes=0, classes=classes, img_size=cfg.crop_size,
                         global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
                         std=data_cfg["std"])
     mcfg["objective"] = "mae"
+    mcfg["weights"] = hub.record if hub is not None else file_record(cfg.weights) if cfg.weights else None
     return net, mcfg
 
 
@@ -219,6 +230,9 @@ def mae_param_groups(model: MaskedAutoencoder, cfg: PretrainConfig) -> list[dict
     """AdamW groups: no weight decay on norms, biases, position/class tokens and the mask token."""
     skip = {f"backbone.{n}" for n in model.backbone.no_weight_decay()} | {"mask_token"}
     return param_groups_weight_decay(model, weight_decay=cfg.weight_decay, no_weight_decay_list=skip)
+
+
+MAE_OWN = "MAE on own images (this study)"
 
 
 class MAEPretrainTask(PretrainTask):
@@ -229,12 +243,21 @@ class MAEPretrainTask(PretrainTask):
         cfg, acc = self.cfg, run.accelerator
         self.folders = [str(s) for s in self.shards] if isinstance(self.shards, list | tuple) else [str(self.shards)]
         self.classes, self.per_folder = merged_classes(self.folders)
-        if acc.is_main_process:
-            infos = [make_dataset(s, cfg.train_split).info or {} for s in self.folders]
-            (run.run_dir / "run_info.json").write_text(json.dumps({
-                "shards": self.folders, "sources": [i.get("source") for i in infos], "classes": self.per_folder,
-                "objective": "mae"}, indent=2) + "\n")
         net, self.mcfg = build_mae(cfg, self.classes)
+        infos = [make_dataset(s, cfg.train_split).info or {} for s in self.folders]
+        sources = [i.get("source") for i in infos]
+        # synthetic pretraining when every folder was generated (`synth import` writes "real:NAME"); on the user's own
+        # images it is named as such
+        base = (self.mcfg.get("weights") or {}).get("pretraining")
+        if all(src and not str(src).startswith("real:") for src in sources):
+            self.mcfg["pretraining"] = combine(base, synthetic=True)
+        else:
+            self.mcfg["pretraining"] = " + ".join(p for p in (base, MAE_OWN) if p and p != NONE)
+        if acc.is_main_process:
+            (run.run_dir / "run_info.json").write_text(json.dumps({
+                "shards": self.folders, "sources": sources, "classes": self.per_folder, "objective": "mae",
+                "weights": self.mcfg.get("weights"), "pretraining": self.mcfg["pretraining"],
+                "normalisation": {"mean": self.mcfg["mean"], "std": self.mcfg["std"]}}, indent=2) + "\n")
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
         self.val = val_loader(self.folders[0], cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,

@@ -198,6 +198,11 @@ def _finetune_plan(cfg: StudyConfig, plan: StudyPlan, study: dict) -> None:
                 run = f"{step.name}-n{n if n is not None else 'all'}-s{seed}"
                 plan.finetune[run] = (_stage(step, FinetuneConfig, f"finetune[{i}] ({step.name})",
                                              {**study, "train_samples": n, "seed": seed, "name": run}), step.init)
+                if step.init is not None and plan.finetune[run][0].pretrained:
+                    raise ConfigError(f"finetune[{i}] ({step.name}): pretrained=true with init '{step.init}': the "
+                                      "init's weights would replace the published ones; for published then "
+                                      "synthetic pretraining set pretrained: true in the overrides of pretrain run "
+                                      f"'{step.init}'")
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyPlan:

@@ -51,7 +51,8 @@ def _timing(seconds: list[float], memory: list[int] | None = None) -> Timing:
 
 
 def _result(name, family, accuracy=None, *, confusion=None, pretrained=False, train_samples=None, model=None,
-            sources=None, seconds=(1.0, 1.1, 1.2), method=None, hits=None, seam=None) -> ModelResult:
+            sources=None, seconds=(1.0, 1.1, 1.2), method=None, hits=None, seam=None, pretraining=None,
+            weights=None) -> ModelResult:
     metrics = _accuracy(confusion if confusion is not None else _confusions(accuracy), seam)
     interp = None
     if method:
@@ -59,7 +60,8 @@ def _result(name, family, accuracy=None, *, confusion=None, pretrained=False, tr
         interp = Interpretability(method=method, images=len(hits), pointing_game=float(np.mean(hits)),
                                   energy_in_defect=0.3, energy_chance=0.05, per_image=scores)
     card = ModelCard(name=name, run=name, model=model or name, architecture=None, family=family,
-                     pretrained=pretrained, pretrain_sources=sources, train_samples=train_samples)
+                     pretrained=pretrained, pretrain_sources=sources, train_samples=train_samples,
+                     pretraining=pretraining, weights=weights)
     return ModelResult(card=card, metrics=metrics, learned=judge_learned(metrics, EvalConfig().learned_floor),
                        cost=Cost(parameters=1, gflops_per_tile=1.0, tiled=_timing(list(seconds))),
                        interpretability=interp)
@@ -239,3 +241,61 @@ def test_speed_claim_uses_medians_and_is_inconclusive_when_the_spreads_overlap()
     claim = next(c for c in decide_claims([_result("cnn", "CNN", [0.8] * 4), _result("vit", "ViT", [0.8] * 4)])
                  if c.claim.startswith("CNNs are faster"))
     assert "IQR" in claim.evidence and "min-max" in claim.evidence
+
+
+HUB = "ImageNet-21k"
+SYN = "synthetic (this study)"
+
+
+def _claim(results, title):
+    return next(c for c in decide_claims(results) if c.claim.startswith(title))
+
+
+def test_pretrained_vits_are_compared_with_pretrained_cnns_and_synthetic_pretraining_with_the_same_start():
+    """The study that mixes the arms: ViT-S from the hub, hub then synthetic, synthetic only, from scratch, and a
+    ResNet-50 from the hub and from scratch."""
+    arms = [
+        _result("vit-hub", "ViT", [0.80] * 12, model="vit_small_patch16_224.augreg_in21k", pretraining=HUB),
+        _result("vit-hub-syn", "ViT", [0.85] * 12, model="vit_small_patch16_224.augreg_in21k",
+                pretraining=f"{HUB} + {SYN}", sources=["procedural"]),
+        _result("vit-syn", "ViT", [0.75] * 12, model="vit_small_patch16_224", pretraining=SYN, sources=["procedural"]),
+        _result("vit-scratch", "ViT", [0.60] * 12, model="vit_small_patch16_224", pretraining="none"),
+        _result("r50-hub", "CNN", [0.70] * 12, model="resnet50.a1_in1k", pretraining="ImageNet-1k"),
+        _result("r50-scratch", "CNN", [0.95] * 12, model="resnet50", pretraining="none"),
+    ]
+    cards = {r.name: r.card for r in arms}
+    assert [c.pretrained for c in cards.values()] == [True, True, True, False, True, False]
+    assert [c.synthetic for c in cards.values()] == [False, True, True, False, False, False]
+    assert cards["vit-hub-syn"].start == HUB and cards["vit-syn"].start == "none" and cards["vit-hub"].arch == \
+        "vit_small_patch16_224"
+    won = _claim(arms, "Pretrained ViTs win")  # the best pretrained ViT against the pretrained CNN, not r50-scratch
+    assert won.verdict == "supported" and "vit-hub-syn" in won.evidence and "best pretrained CNN r50-hub" in \
+        won.evidence and "r50-scratch" not in won.models
+    synthetic = _claim(arms, "Synthetic pretraining")  # hub+synthetic vs hub (0.85 vs 0.80), syn vs scratch
+    assert synthetic.verdict == "supported" and "vit-hub-syn" in synthetic.evidence and "vit-hub (" in \
+        synthetic.evidence
+    assert set(synthetic.models) == {"vit-hub-syn", "vit-hub", "vit-syn", "vit-scratch"}
+    no_pretrained_cnn = [r for r in arms if r.name != "r50-hub"]
+    claim = _claim(no_pretrained_cnn, "Pretrained ViTs win")
+    assert claim.verdict == "not supported" and "no CNN is pretrained here" in claim.evidence
+    only_hub = [r for r in arms if r.name in ("vit-hub", "vit-scratch", "r50-hub")]  # no synthetic arm: no pair
+    assert _claim(only_hub, "Synthetic pretraining").verdict == "not measured"
+
+
+def test_the_report_shows_each_models_pretraining_and_the_weights_loaded(tmp_path):
+    from evaluate.records import Evaluation
+    from evaluate.report import write_report
+
+    weights = {"source": "hub", "repo_id": "timm/vit_small_patch16_224.augreg_in21k", "revision": "c0ffee" * 7,
+               "file": "model.safetensors", "license": "apache-2.0", "pretraining": HUB}
+    results = [_result("vit-hub", "ViT", [0.8] * 4, model="vit_small_patch16_224.augreg_in21k", pretraining=HUB,
+                       weights=weights),
+               _result("vit-syn", "ViT", [0.7] * 4, pretraining=SYN), _result("cnn", "CNN", [0.9] * 4)]
+    cfg = EvalConfig(wandb=False, interpret_images=0)
+    evaluation = Evaluation(config=cfg, classes=["background", "crack"], sources=["x (test)"], images=4, device="cpu",
+                            results=results, claims=decide_claims(results))
+    write_report(tmp_path, evaluation, [], {})
+    text = (tmp_path / "report.md").read_text()
+    assert "| pretraining |" in text and f"| {HUB} |" in text and f"| {SYN} |" in text and "| none |" in text
+    assert "## Pretrained weights" in text and "timm/vit_small_patch16_224.augreg_in21k @ c0ffeec0ffee" in text
+    assert "apache-2.0" in text

@@ -226,3 +226,16 @@ def test_building_under_no_grad_still_finds_the_unused_parameters():
         model, _ = build_segmenter(config(model="vit_tiny", encoder_kwargs=SMALL_VIT), CLASSES)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(".norm." in n or ".head." in n for n in frozen), frozen
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_reg4_dinov2", "vit_small_patch16_dinov3"])
+def test_dinov2_and_dinov3_vits_with_dpt_keep_any_input_size(name):
+    """DINOv2 (patch 14, register tokens) and DINOv3 (patch 16, RoPE) through DPT: smp's decoder expects strides that
+    are powers of two, so a patch-14 grid gets the patch-16 decoder and logits resized to the input."""
+    cfg = config(model=name, crop_size=56, encoder_kwargs={"embed_dim": 48, "num_heads": 2})
+    model, mcfg = build_segmenter(cfg, CLASSES)
+    assert mcfg["smp_class"] == "DPT" and model.stride == (28 if "patch14" in name else 32)
+    model.eval()
+    with torch.no_grad():
+        for size in ((100, 70), (64, 96), (56, 56)):
+            assert model(torch.rand(1, 3, *size)).shape == (1, 3, *size)

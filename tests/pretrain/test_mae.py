@@ -83,6 +83,7 @@ def test_mae_run_learns_on_folders_with_different_classes_and_its_encoder_loads_
     assert (tmp_path / "mae/mae_reconstructions.png").is_file()
     info = json.loads((tmp_path / "mae/run_info.json").read_text())
     assert info["objective"] == "mae" and info["classes"][1] == ["background", "crack"]
+    assert info["pretraining"] == "synthetic (this study)"  # both folders generated, none imported
 
     fcfg = load_config(FinetuneConfig, None, {
         "model": "vit_tiny", "encoder_kwargs": TINY["model_kwargs"], "init": str(tmp_path / "mae"),

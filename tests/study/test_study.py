@@ -141,6 +141,10 @@ def test_study_errors_name_the_problem_before_any_work(tmp_path, monkeypatch, ca
         load_study(config, ["pretrian.x=1"])
     with pytest.raises(ConfigError, match="target.real.imagse.*Did you mean: 'images'"):
         load_study(config, ["target.real.imagse=x"])
+    with pytest.raises(ConfigError, match=r"finetune\[0\] \(vit-pre\): pretrained=true with init 'vit'.*pretrain "
+                       "run 'vit'"):  # the published weights go into the pretrain run: hub, then synthetic
+        load_study(config, ["finetune=[{name: vit-pre, config: configs/finetune/quickstart.yaml, init: vit, "
+                            "overrides: {pretrained: true}}]"])
     assert main([str(config), "--out", str(tmp_path / "s"), "seeds=[a]"]) == 2 and "seeds" in caplog.text
     assert not (tmp_path / "s").exists()  # failed before any work
 
