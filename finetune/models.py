@@ -8,7 +8,6 @@ of the classes that match by name or through `class_map`; a local timm weights f
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -18,33 +17,13 @@ from timm.models._manipulate import group_with_matcher
 from torch import nn
 
 from pretrain.hub import NONE, SYNTHETIC, file_record
-from pretrain.models import CONFIG_FILE, WEIGHTS_FILE, load_weights, probe_model, read_state_dict
-from pretrain.segmenter import IGNORE, Segmenter
+from pretrain.models import probe_model, read_state_dict
+from pretrain.segmenter import ENCODER_PREFIX as _ENCODER
+from pretrain.segmenter import IGNORE, Segmenter, init_file, load_encoder
 
 log = logging.getLogger(__name__)
-_FLAT = re.compile(r"^([A-Za-z_]*[A-Za-z])\.(\d+)\.")  # "stages.0.x" <-> "stages_0.x" (timm FeatureListNet)
 _UNFLAT = re.compile(r"^([A-Za-z_]*[A-Za-z])_(\d+)\.")
-_INIT_PREFIXES = ("backbone.", "net.encoder.model.")  # a PretrainNet checkpoint, a segmentation run
-_ENCODER, _AUX = "net.encoder.", "net.classification_head."
-
-
-def _init_file(init: str | Path, resolved: str) -> tuple[Path, dict | None]:
-    """The weights file behind `init` and its run config (None for a bare file), checked against the model."""
-    path = Path(init)
-    folder = path if path.is_dir() else path.parent
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"init {init}: no weights file {weights} (expected a pretrain run folder, its "
-                                f"{WEIGHTS_FILE}, or a local timm weights file)")
-    cfg_path = folder / CONFIG_FILE
-    config = None
-    if cfg_path.is_file() and weights.name == WEIGHTS_FILE:
-        config = json.loads(cfg_path.read_text())
-        saved = config.get("model")
-        if saved is not None and saved != resolved:
-            raise ValueError(f"init {init} holds a {saved} backbone but this run builds {resolved}: set model={saved} "
-                             "or choose another init")
-    return weights, config
+_AUX = "net.classification_head."
 
 
 def load_init(model: Segmenter, init: str | Path, mcfg: dict, class_map: dict | None = None) -> dict:
@@ -57,25 +36,9 @@ def load_init(model: Segmenter, init: str | Path, mcfg: dict, class_map: dict | 
     reason) and "classes" (target class -> the pretraining classes its head row came from, or why none).
     """
     resolved = mcfg["model"]
-    weights, saved = _init_file(init, resolved)
-    target = set(model.encoder.state_dict())
-
-    def key_map(key: str) -> str:
-        for prefix in _INIT_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if key in target:
-            return key
-        flat = _FLAT.sub(r"\1_\2.", key, count=1)
-        return flat if flat in target else key
-
+    weights, saved = init_file(init, resolved)
     segmentation_run = saved is not None and saved.get("architecture") == "smp"
-    report = load_weights(model.encoder, weights, skip_head=True, key_map=key_map,
-                          select=(lambda k: k.startswith(_ENCODER)) if segmentation_run else None)
-    if len(report["loaded"]) < len(target) // 2:
-        raise ValueError(f"init {init}: only {len(report['loaded'])} of {len(target)} encoder tensors matched "
-                         f"(unexpected keys start {report['unexpected'][:5]}): is it a {resolved} backbone?")
+    report = load_encoder(model, weights, init, resolved, segmentation_run=segmentation_run)
     report = dict(report)
     if segmentation_run:
         report.update(transfer_head(model, read_state_dict(weights), saved, mcfg, class_map))
@@ -85,7 +48,7 @@ def load_init(model: Segmenter, init: str | Path, mcfg: dict, class_map: dict | 
 def init_pretraining(init: str | Path, resolved: str) -> tuple[dict | None, str]:
     """What `init` was pretrained on: the record of the published (or local) weights its chain started from, and
     its pretraining label ("ImageNet-21k + synthetic (this study)", "synthetic (this study)", "local file X")."""
-    weights, saved = _init_file(init, resolved)
+    weights, saved = init_file(init, resolved)
     if saved is None:  # a bare timm weights file
         record = file_record(weights)
         return record, record["pretraining"]

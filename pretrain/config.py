@@ -35,7 +35,7 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
     # start from the published weights of `model`, taken from the Hugging Face Hub cache (downloaded into it unless
     # HF_HUB_OFFLINE=1; pretrain/hub.py); the default false starts from random weights or from `weights`
     pretrained: bool = False  # the model's published timm weights via the Hub cache (HF_HOME, HF_HUB_OFFLINE)
-    weights: str | None = None  # local weights file to start from (safetensors, .pth, a run folder)
+    weights: str | None = None  # local weights file or run folder to start from (segmentation: the encoder only)
     drop_path_rate: float = 0.0
     dense_head: bool = True  # also predict the mask (the generator's pixel labels come for free)
     dense_weight: float = 1.0  # weight of the dense cross-entropy against the multi-label BCE
@@ -61,8 +61,6 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
         validate_segmentation_keys(self)
         if self.objective == "segmentation":
             require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective segmentation")
-            require(self.weights is None, "weights", self.weights,
-                    "null with objective segmentation (start it from random weights; or fine-tune from the weights)")
         require(0 < self.mae_mask_ratio < 1, "mae_mask_ratio", self.mae_mask_ratio, "a number in (0, 1)")
         require(self.mae_decoder_dim >= 8 and self.mae_decoder_dim % 4 == 0, "mae_decoder_dim", self.mae_decoder_dim,
                 "an integer >= 8, a multiple of 4 (four attention heads, sin-cos positions)")

@@ -21,7 +21,9 @@ records them (`weights`: repository, revision, licence) and the normalisation is
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,16 @@ from defectforge.config import ConfigError, require
 from defectforge.reader import make_dataset
 
 from .hub import HubWeights, fetch_pretrained, mismatch
-from .models import family_of, load_run, probe_model, resolve_model_name, save_model
+from .models import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    family_of,
+    load_run,
+    load_weights,
+    probe_model,
+    resolve_model_name,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
@@ -298,3 +309,54 @@ class SegLoss(torch.nn.Module):
             out["loss"] = main + self.dice_weight * dice
             out["dice"] = dice
         return out
+
+
+# ------------------------------------------------------------------------------------ initial encoder weights
+
+_FLAT = re.compile(r"^([A-Za-z_]*[A-Za-z])\.(\d+)\.")  # "stages.0.x" <-> "stages_0.x" (timm FeatureListNet)
+_INIT_PREFIXES = ("backbone.", "net.encoder.model.")  # a PretrainNet checkpoint, a segmentation run
+ENCODER_PREFIX = "net.encoder."
+
+
+def init_file(init: str | Path, resolved: str) -> tuple[Path, dict | None]:
+    """The weights file behind `init` (a run folder, its model.safetensors, or a bare timm weights file) and its
+    run config (None for a bare file), checked against the model."""
+    path = Path(init)
+    folder = path if path.is_dir() else path.parent
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"init {init}: no weights file {weights} (expected a pretrain run folder, its "
+                                f"{WEIGHTS_FILE}, or a local timm weights file)")
+    cfg_path = folder / CONFIG_FILE
+    config = None
+    if cfg_path.is_file() and weights.name == WEIGHTS_FILE:
+        config = json.loads(cfg_path.read_text())
+        saved = config.get("model")
+        if saved is not None and saved != resolved:
+            raise ValueError(f"init {init} holds a {saved} backbone but this run builds {resolved}: set model={saved} "
+                             "or choose another init")
+    return weights, config
+
+
+def load_encoder(model: Segmenter, weights: Path, init: str | Path, resolved: str, *,
+                 segmentation_run: bool = False) -> dict:
+    """Load the encoder tensors of `weights` (a timm backbone, a pretrain run's, or a segmentation run's encoder
+    part when `segmentation_run`) into `model.encoder`; fails when fewer than half of the encoder matched."""
+    target = set(model.encoder.state_dict())
+
+    def key_map(key: str) -> str:
+        for prefix in _INIT_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if key in target:
+            return key
+        flat = _FLAT.sub(r"\1_\2.", key, count=1)
+        return flat if flat in target else key
+
+    report = load_weights(model.encoder, weights, skip_head=True, key_map=key_map,
+                          select=(lambda k: k.startswith(ENCODER_PREFIX)) if segmentation_run else None)
+    if len(report["loaded"]) < len(target) // 2:
+        raise ValueError(f"init {init}: only {len(report['loaded'])} of {len(target)} encoder tensors matched "
+                         f"(unexpected keys start {report['unexpected'][:5]}): is it a {resolved} backbone?")
+    return report

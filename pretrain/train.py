@@ -39,7 +39,7 @@ from .hub import NONE, combine, fetch_pretrained, file_record
 from .mae import MaskedAutoencoder
 from .metrics import SegMetrics, multilabel_ap
 from .models import PretrainNet, create_backbone, model_config, resolve_model_name, save_model
-from .segmenter import SegLoss, auto_class_weights, build_segmenter, save_segmenter
+from .segmenter import SegLoss, auto_class_weights, build_segmenter, init_file, load_encoder, save_segmenter
 
 log = logging.getLogger("pretrain")
 
@@ -162,6 +162,13 @@ class SegPretrainTask(PretrainTask):
         kwargs = {**cfg.model_kwargs, **({"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {})}
         net, mcfg = build_segmenter(cfg, self.classes, encoder_kwargs=kwargs, aux_head=cfg.aux_weight > 0)
         mcfg["objective"] = "segmentation"
+        if cfg.weights:  # the encoder from a file or a run (an MAE run, say); decoder and head start afresh
+            path, saved = init_file(cfg.weights, mcfg["model"])
+            report = load_encoder(net, path, cfg.weights, mcfg["model"],
+                                  segmentation_run=saved is not None and saved.get("architecture") == "smp")
+            log.info("encoder: %d tensors loaded from %s (%d resampled)", len(report["loaded"]), path,
+                     len(report["resampled"]))
+            mcfg["weights"] = file_record(path)
         return net, mcfg
 
     def build(self, run: Run) -> torch.nn.Module:

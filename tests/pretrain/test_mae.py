@@ -97,3 +97,14 @@ def test_mae_run_learns_on_folders_with_different_classes_and_its_encoder_loads_
     for key in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "cls_token"):
         # lr 1e-9 for one step: the fine-tuned encoder still holds the MAE weights
         assert torch.allclose(tuned["net.encoder.model." + key], saved[key], atol=1e-6), key
+
+    # MAE, then segmentation pretraining on the masks: `weights=RUN` loads the MAE encoder into the segmenter
+    scfg = load_config(PretrainConfig, None, {
+        **TINY, "objective": "segmentation", "weights": str(tmp_path / "mae"), "max_steps": 1, "warmup_steps": 0,
+        "lr": 1e-9, "min_lr": 0.0, "val_split": None, "checkpoint_every": 1, "class_weights": None})
+    train(scfg, str(folders / "synth"), tmp_path / "seg", progress=False)
+    seg = safetensors.torch.load_file(str(tmp_path / "seg/model.safetensors"))
+    for key in ("patch_embed.proj.weight", "blocks.11.attn.qkv.weight", "pos_embed"):
+        assert torch.allclose(seg["net.encoder.model." + key], saved[key], atol=1e-6), key
+    seg_info = json.loads((tmp_path / "seg/run_info.json").read_text())
+    assert seg_info["weights"]["source"] == "run" and seg_info["pretraining"] == "synthetic (this study)"
