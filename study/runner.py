@@ -127,3 +127,22 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
         return report / "report.html"
     log.info("[evaluate] %d models on %s", len(runs), ", ".join(shards))
     return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)])
+
+
+def summary(report_html: Path) -> list[str]:
+    """What a study's console shows at the end: each model's accuracy and whether it learned, then every claim
+    with its verdict and evidence (interval included), read from the report's results.json."""
+    path = Path(report_html).with_name("results.json")
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    lines = ["models (defect mIoU, mIoU, learned):"]
+    for r in data.get("results", []):
+        m = r.get("metrics") or {}
+        learned = "yes" if r.get("learned") else f"did not learn ({r.get('learned_reason')})"
+        lines.append(f"  {r['name']}: {m.get('defect_mIoU', float('nan')):.3f}, {m.get('mIoU', float('nan')):.3f}, "
+                     f"{learned}")
+    lines.append("claims:")
+    for c in data.get("claims", []):
+        lines.append(f"  {c['claim']}: {c['verdict']} ({c['evidence']})")
+    return lines

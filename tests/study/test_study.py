@@ -9,7 +9,7 @@ import yaml
 from defectforge.config import ConfigError
 from study.__main__ import main
 from study.config import StudyPlan, load_study
-from study.runner import run_study
+from study.runner import run_study, summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,6 +98,11 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
         assert isinstance(r["learned"], bool) and r["learned_reason"]
     assert [c["claim"] for c in results["claims"]][:2] == ["CNNs are faster on 4K images (claimed 0.3 vs 2.1 s)",
                                                            "CNNs need less memory at 4K (claimed 8 vs 24 GB)"]
+    # what the console shows at the end: every model's accuracy and every claim with its verdict and evidence
+    printed = summary(report)
+    assert printed[0].startswith("models") and any(line.startswith("  vit-pre-nall-s0: ") for line in printed)
+    claim = next(c for c in results["claims"] if c["claim"].startswith("Synthetic pretraining"))
+    assert f"  {claim['claim']}: {claim['verdict']} ({claim['evidence']})" in printed
     assert "python -m study " in md
     assert results["images"] == 3 + 2  # target val split and the two large scenes
 
