@@ -7,7 +7,7 @@ anywhere fails before the first stage runs, naming the stage and the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,10 @@ def _diffusion_plan(node: DiffusionSection, plan: StudyPlan, study: dict) -> Dif
         raise ConfigError("diffusion.generate: model_path is set by the study (the model it trains)")
     gen_cfg = _stage(StageStep(node.generate.config, overrides), SynthConfig, "diffusion.generate",
                      {"backend": "procedural"})
+    try:
+        replace(gen_cfg, backend=backend).check_labeled_backend()
+    except ConfigError as err:
+        raise ConfigError(f"diffusion.generate: {err}") from None
     return DiffusionPlan(train=train_cfg, on=on, generate=gen_cfg, backend=backend)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from defectforge.config import ConfigError, require
 
 from .defects import DEFECT_KINDS
+from .labeled import labeled_classes, open_labeled
 from .surfaces import SURFACE_KINDS
 
 BACKENDS = ("procedural", "inpaint", "refine", "pretrained")  # all but procedural: synth/diffusion.py
@@ -37,6 +38,10 @@ class SynthConfig:
     empty_ratio: float = 0.1
     background_dir: str | None = None
     background_ratio: float = 0.5
+    labeled_dir: str | None = None  # a shard folder (synth import) of labeled images, cropped with their labels
+    labeled_split: str = "train"  # the split of labeled_dir that is cropped; val and test are refused
+    labeled_ratio: float = 0.5  # with labeled_dir: probability that an image is a crop of a labeled image
+    labeled_margin: int = 4  # px around every labeled pixel that no synthetic defect touches
     gradient: float = 0.25
     vignette: float = 0.3
     noise: list[float] = field(default_factory=lambda: [0.5, 3.0])
@@ -74,8 +79,21 @@ class SynthConfig:
                 "[min, max] sensor noise sigma in 8-bit levels, 0 <= min <= max <= 50")
         if self.background_dir is not None:
             background_files(self.background_dir)  # fails now, naming the folder, rather than in a worker
+        require(0.0 <= self.labeled_ratio <= 1.0, "labeled_ratio", self.labeled_ratio, "a number in [0, 1]")
+        require(isinstance(self.labeled_margin, int) and 0 <= self.labeled_margin <= 64, "labeled_margin",
+                self.labeled_margin, "an integer in [0, 64] (px)")
+        if self.labeled_dir is not None:
+            self.check_labeled_backend()
+            open_labeled(self.labeled_dir, self.labeled_split, list(self.defects), verify=True)
         if self.backend != "procedural":
             self._validate_diffusion()
+
+    def check_labeled_backend(self) -> None:
+        """Labeled crops are procedural only: the diffusion backends regenerate the pixels of every labeled class
+        (the real defects' too) or whole windows, so the real pixels and their labels would not be kept."""
+        if self.labeled_dir is not None and self.backend != "procedural":
+            raise ConfigError(f"key 'labeled_dir': crops of labeled images are drawn with backend=procedural only, "
+                              f"found backend={self.backend} (it would repaint the real defects)")
 
     def _validate_diffusion(self) -> None:
         from .diffusion import check_model_folder, check_pretrained_folder
@@ -116,6 +134,10 @@ class SynthConfig:
 
     @property
     def classes(self) -> list[str]:
+        """Mask value k is `classes[k]`: background, the `defects` in order, then the classes of `labeled_dir`
+        that `defects` does not name."""
+        if self.labeled_dir is not None:
+            return labeled_classes(self.labeled_dir, list(self.defects))
         return ["background", *self.defects]
 
     @property

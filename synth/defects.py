@@ -394,36 +394,50 @@ def _chip(img: np.ndarray, rng: np.random.Generator, scale: float):
 _DRAWERS = {"crack": _crack, "scratch": _scratch, "pit": _pit, "stain": _stain, "chip": _chip}
 
 
-def place_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float
-                 ) -> tuple[np.ndarray, np.ndarray, dict]:
+def place_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float,
+                 avoid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """Draw one defect of `kind` into `img` (float32 (H, W, 3), in place): (ys, xs, params).
 
     `ys, xs` list the footprint's pixels, each once: exactly those where the defect's opacity is >= 0.5,
     never empty. Every pixel the defect changed lies within the kind's limit of them.
+
+    `avoid` (bool (H, W)): pixels the defect must leave untouched. A draw whose opacity (> 0, the faint edge
+    included) reaches one is discarded before the image changes and drawn anew; after `_MAX_TRIES` draws none
+    of which fitted, nothing is drawn and the result is None. Without `avoid` the result is never None.
     """
     if kind not in _DRAWERS:
         raise ValueError(f"unknown defect kind '{kind}'; known kinds: {', '.join(DEFECT_KINDS)}")
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"draw_defect expects an (H, W, 3) image, got shape {img.shape}")
+    if avoid is not None and avoid.shape != img.shape[:2]:
+        raise ValueError(f"avoid mask {avoid.shape} does not match the image {img.shape[:2]}")
     h, w = img.shape[:2]
-    drawn = None
+    placed = None
+    blocked = 0
     for _ in range(_MAX_TRIES):
         drawn = _DRAWERS[kind](img, rng, scale)
-        if drawn is not None:
-            break
-    if drawn is None:  # 25 misses in a row does not happen for images >= 8 px; fail loudly rather than lie
+        if drawn is None:
+            continue
+        placed = _restricted(drawn)
+        if avoid is not None and _touches(placed, avoid):
+            placed = None
+            blocked += 1
+            continue
+        break
+    if placed is None:
+        if blocked:
+            return None
+        # 25 misses in a row does not happen for images >= 8 px; fail loudly rather than lie
         raise RuntimeError(f"could not place a {kind} in a {h}x{w} image")
-    if isinstance(drawn[0], Dense):
-        patch, params, limit = drawn
-        alpha = restrict_dense(patch.alpha, limit)
+    if isinstance(placed[0], Dense):
+        patch, alpha, params = placed
         bh, bw = alpha.shape
         patch.apply(img[patch.y0 : patch.y0 + bh, patch.x0 : patch.x0 + bw], alpha)
         ys, xs = np.nonzero(alpha >= 0.5)
         ys += patch.y0
         xs += patch.x0
         return ys, xs, {"kind": kind, **params, "area_px": int(ys.size)}
-    ys, xs, alpha, target, params, limit = drawn
-    alpha = restrict_to_footprint(ys, xs, alpha, limit)
+    ys, xs, alpha, target, params = placed
     # Shading can overshoot (a lit pit wall on a bright surface): blend clips the target to [0, 255].
     blend(img, ys, xs, alpha, target)
     fp = alpha >= 0.5
@@ -431,12 +445,34 @@ def place_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: fl
     return ys, xs, {"kind": kind, **params, "area_px": int(ys.size)}
 
 
+def _restricted(drawn: tuple) -> tuple:
+    """A drawer's result with its opacity cut to the kind's limit around the footprint (nothing drawn yet):
+    (Dense, alpha, params) or (ys, xs, alpha, target, params)."""
+    if isinstance(drawn[0], Dense):
+        patch, params, limit = drawn
+        return patch, restrict_dense(patch.alpha, limit), params
+    ys, xs, alpha, target, params, limit = drawn
+    return ys, xs, restrict_to_footprint(ys, xs, alpha, limit), target, params
+
+
+def _touches(placed: tuple, avoid: np.ndarray) -> bool:
+    """Whether any pixel the defect would change (opacity > 0) is set in `avoid`."""
+    if isinstance(placed[0], Dense):
+        patch, alpha, _ = placed
+        bh, bw = alpha.shape
+        window = avoid[patch.y0 : patch.y0 + bh, patch.x0 : patch.x0 + bw]
+        return bool((window & (alpha[: window.shape[0], : window.shape[1]] > 0)).any())
+    ys, xs, alpha, _, _ = placed
+    live = alpha > 0
+    return bool(avoid[ys[live], xs[live]].any())
+
+
 def draw_defect(kind: str, img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, dict]:
     """Draw one defect of `kind` into `img` (float32 (H, W, 3), in place); return its footprint and params.
 
     The footprint is True exactly where the defect's opacity is >= 0.5 and is never empty.
     """
-    ys, xs, params = place_defect(kind, img, rng, scale)
+    ys, xs, params = place_defect(kind, img, rng, scale)  # never None without `avoid`
     footprint = np.zeros(img.shape[:2], dtype=bool)
     footprint[ys, xs] = True
     return footprint, params

@@ -42,6 +42,7 @@ from defectforge.shards import (
 
 from .compose import render_sample
 from .config import SynthConfig, background_files
+from .labeled import LabeledSource, labeled_source
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"
@@ -79,18 +80,24 @@ def sample_key(index: int) -> str:
 # Worker state, set once per worker process by `_init_worker` so that each task sends only an index.
 _CFG: SynthConfig | None = None
 _BACKGROUNDS: list[Path] | None = None
+_LABELED: LabeledSource | None = None
+
+
+def _labeled(cfg: SynthConfig) -> LabeledSource | None:
+    return labeled_source(cfg.labeled_dir, cfg.labeled_split, list(cfg.defects)) if cfg.labeled_dir else None
 
 
 def _init_worker(cfg: SynthConfig) -> None:
-    global _CFG, _BACKGROUNDS
+    global _CFG, _BACKGROUNDS, _LABELED
     _CFG = cfg
     _BACKGROUNDS = background_files(cfg.background_dir) if cfg.background_dir else None
+    _LABELED = _labeled(cfg)  # the index of the labeled split: where each image and mask lie in its shard
 
 
 def _make_sample(index: int) -> Sample | tuple:
     """The encoded sample; for a diffusion backend the rendered arrays, which the main process diffuses."""
     assert _CFG is not None, "worker not initialised"
-    image, mask, meta = render_sample(_CFG, index, _BACKGROUNDS)
+    image, mask, meta = render_sample(_CFG, index, _BACKGROUNDS, _LABELED)
     if _CFG.backend != "procedural":
         return image, mask, meta
     return encode_sample(sample_key(index), image, mask, meta, _CFG.image_format, _CFG.jpeg_quality)
@@ -165,6 +172,9 @@ def generate(cfg: SynthConfig, out: str | Path, progress: bool = True) -> dict |
     Complete shards already in `out` from an interrupted run of the same config are kept.
     """
     out = Path(out)
+    cfg.check_labeled_backend()  # a config made by dataclasses.replace has not been validated
+    if cfg.labeled_dir is not None and out.resolve() == Path(cfg.labeled_dir).resolve():
+        raise ConfigError(f"key 'labeled_dir': '{cfg.labeled_dir}' is the output folder; use another --out")
     rank, world, barrier = _dist_state()
     if rank == 0:
         claim_output(out, "shards")  # a new, empty or earlier generator folder; never the user's own files
@@ -252,7 +262,10 @@ def _write_info(cfg: SynthConfig, out: Path, plan: list[ShardPlan], fresh: dict[
         rec = fresh.get(p.filename) or ShardRecord(p.filename, p.stop - p.start, sha256_file(path),
                                                     path.stat().st_size)
         splits.setdefault(p.split, []).append(rec)
-    info = write_info(out, cfg.name, splits, cfg.classes, to_dict(cfg), source=cfg.backend,
-                      extra={"image_size": list(cfg.size)})
+    extra: dict = {"image_size": list(cfg.size)}
+    labeled = _labeled(cfg)
+    if labeled is not None:
+        extra["labeled"] = labeled.record()
+    info = write_info(out, cfg.name, splits, cfg.classes, to_dict(cfg), source=cfg.backend, extra=extra)
     log.info("wrote %s with %d samples in %d shards", out / INFO_NAME, cfg.num_samples, len(plan))
     return info

@@ -60,11 +60,17 @@ def _pick(info: dict, split: str, num: int, seed: int) -> set[int]:
 def _describe(meta: dict) -> tuple[str, str]:
     origin = meta.get("surface") or meta.get("source") or "?"
     if isinstance(origin, dict):
-        origin = origin.get("kind") or origin.get("name") or next(iter(origin.values()), "?")
+        if origin.get("kind") == "labeled":  # a crop of a labeled image (labeled_dir): which one
+            origin = f"labeled {origin.get('file') or origin.get('key', '?')}"
+        else:
+            origin = origin.get("kind") or origin.get("name") or next(iter(origin.values()), "?")
     origin = str(origin)
     origin = origin if len(origin) <= 28 else "..." + origin[-25:]
-    counts = Counter(d.get("class", "?") for d in meta.get("defects", []))
-    what = ", ".join(f"{c} x{n}" for c, n in sorted(counts.items())) or "no defect"
+    defects = meta.get("defects", [])
+    counts = Counter(d.get("class", "?") for d in defects)
+    real = Counter(d.get("class", "?") for d in defects if d.get("source") == "labeled")
+    what = ", ".join(f"{c} x{n}" + (f" ({real[c]} labeled)" if real[c] else "")
+                     for c, n in sorted(counts.items())) or "no defect"
     return origin, what
 
 
@@ -184,11 +190,15 @@ def stats(folder: str | Path) -> dict:
         per_class = {c: {"images": 0, "instances": 0, "pixels": 0} for c in classes[1:]}
         image_sizes: Counter = Counter()
         samples = empty = 0
+        labeled = {"images": 0, "instances": Counter()}  # crops of labeled images and their real defects
         for shard in tqdm(files, desc=f"stats {split}", unit="shard", leave=False):
             for meta in _iter_meta(shard):
                 samples += 1
                 defects = meta.get("defects", [])
                 empty += not defects
+                if isinstance(meta.get("surface"), dict) and meta["surface"].get("kind") == "labeled":
+                    labeled["images"] += 1
+                    labeled["instances"].update(d["class"] for d in defects if d.get("source") == "labeled")
                 if "size" in meta:
                     image_sizes[f"{meta['size'][1]}x{meta['size'][0]}"] += 1
                 for name in {d["class"] for d in defects}:
@@ -210,6 +220,7 @@ def stats(folder: str | Path) -> dict:
             "empty_images": empty,
             "classes": per_class,
             "image_sizes": dict(sorted(image_sizes.items())),
+            "labeled": {"images": labeled["images"], "instances": dict(sorted(labeled["instances"].items()))},
         }
     result["area_px"] = {c: _distribution(areas[c]) for c in classes[1:] if areas.get(c)}
     return result
@@ -238,6 +249,11 @@ def format_stats(d: dict) -> str:
     rows = [[split, c, e["images"], e["instances"], e["pixels"]]
             for split, s in d["splits"].items() for c, e in s["classes"].items()]
     lines += _table(["split", "class", "images", "instances", "pixels"], rows) + [""]
+    rows = [[split, s["labeled"]["images"], c, n] for split, s in d["splits"].items() if s.get("labeled")
+            for c, n in (s["labeled"]["instances"] or {"-": 0}).items() if s["labeled"]["images"]]
+    if rows:
+        lines += ["crops of labeled images (labeled_dir) and the real defects they keep, counted above too:"]
+        lines += _table(["split", "crops", "class", "real instances"], rows) + [""]
     if d.get("area_px"):
         rows = [[c, a["count"], a["min"], a["p10"], a["median"], a["p90"], a["max"]]
                 for c, a in d["area_px"].items()]

@@ -346,6 +346,18 @@ def _load_rgb(path: Path) -> Image.Image:
     return im.convert("RGB")
 
 
+def crop_window(iw: int, ih: int, height: int, width: int, rng: np.random.Generator
+                ) -> tuple[tuple[int, int, int, int], float]:
+    """A random box (x0, y0, x1, y1) of an iw x ih image that becomes a (height x width) crop, and the factor it
+    is upscaled by (> 1 only when the image is smaller than the crop on a side; the aspect ratio is kept)."""
+    scale = max(height / ih, width / iw, 1.0)
+    cw = min(iw, max(1, round(width / scale)))
+    ch = min(ih, max(1, round(height / scale)))
+    x0 = int(rng.integers(0, iw - cw + 1))
+    y0 = int(rng.integers(0, ih - ch + 1))
+    return (x0, y0, x0 + cw, y0 + ch), scale
+
+
 def crop_background(path: str | Path, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """A random (height x width) crop of a real defect-free photo, upscaled keeping aspect if it is smaller."""
     path = Path(path)
@@ -353,12 +365,7 @@ def crop_background(path: str | Path, height: int, width: int, rng: np.random.Ge
     iw, ih = im.size
     if iw < 1 or ih < 1:
         raise ValueError(f"background image '{path}' is empty")
-    scale = max(height / ih, width / iw, 1.0)
-    cw = min(iw, max(1, round(width / scale)))
-    ch = min(ih, max(1, round(height / scale)))
-    x0 = int(rng.integers(0, iw - cw + 1))
-    y0 = int(rng.integers(0, ih - ch + 1))
-    box = (x0, y0, x0 + cw, y0 + ch)
+    box, scale = crop_window(iw, ih, height, width, rng)
     crop = im.crop(box)
     if crop.size != (width, height):
         crop = crop.resize((width, height), Image.Resampling.BICUBIC)
