@@ -101,6 +101,8 @@ class StudyPlan:
     """Every stage of a study with its validated config, in the order the runner executes them."""
     name: str
     data: dict[str, tuple[str, Any]] = field(default_factory=dict)  # folder -> ("synth", SynthConfig) | ("real", ...)
+    # generated folder -> the study data folder whose train split it draws on (`labeled_dir: target`)
+    labeled_from: dict[str, str] = field(default_factory=dict)
     diffusion: DiffusionPlan | None = None
     pretrain: dict[str, tuple[PretrainConfig, list[str]]] = field(default_factory=dict)
     finetune: dict[str, tuple[FinetuneConfig, str | None]] = field(default_factory=dict)
@@ -135,7 +137,19 @@ def _default_folders(plan: StudyPlan) -> list[str]:
 
 def _data_plan(cfg: StudyConfig, plan: StudyPlan, source: Path) -> None:
     if cfg.pretrain_data is not None:
-        plan.data["pretrain"] = ("synth", _stage(cfg.pretrain_data, SynthConfig, "pretrain_data"))
+        # `labeled_dir: target`: defects drawn on crops of this study's own target training images, with their
+        # labels (synth/labeled.py); the folder exists only once the study has made it, so it is set then
+        over = dict(cfg.pretrain_data.overrides or {})
+        on_target = over.get("labeled_dir") == "target"
+        if on_target:
+            del over["labeled_dir"]
+        spec = _stage(StageStep(cfg.pretrain_data.config, over), SynthConfig, "pretrain_data")
+        if on_target:
+            if spec.backend != "procedural":
+                raise ConfigError(f"pretrain_data: key 'labeled_dir': crops of the target's images are drawn with "
+                                  f"backend=procedural only, found backend={spec.backend}")
+            plan.labeled_from["pretrain"] = "target"
+        plan.data["pretrain"] = ("synth", spec)
     target = cfg.target
     if target is None or (target.synth is None and target.real is None):
         raise ConfigError(f"{source}: 'target' is required (synth: {{config, overrides}} or real: {{images, masks}})")

@@ -36,9 +36,14 @@ def _run_data(plan: StudyPlan, root: Path) -> dict[str, Path]:
     from synth.importer import import_folder
 
     data: dict[str, Path] = {}
-    for key, (kind, spec) in plan.data.items():
+    # a folder drawn on another one's images (`labeled_dir: target`) is made after it
+    for key in sorted(plan.data, key=lambda k: k in plan.labeled_from):
+        kind, spec = plan.data[key]
         folder = root / "data" / key
         data[key] = folder
+        if key in plan.labeled_from:
+            spec = dataclasses.replace(spec, labeled_dir=str(data[plan.labeled_from[key]]))
+            spec.validate()
         if kind == "synth":
             log.info("[data] %s: generating into %s", key, folder)
             generate(spec, folder)  # keeps complete shards: a rerun only writes what is missing

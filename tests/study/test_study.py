@@ -9,7 +9,7 @@ import yaml
 from defectforge.config import ConfigError
 from study.__main__ import main
 from study.config import StudyPlan, load_study
-from study.runner import run_study, summary
+from study.runner import _run_data, run_study, summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -232,3 +232,19 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     assert "resnet18-unet-n20-s1" in plan.finetune and plan.finetune["resnet18-unet-n20-s1"][0].train_samples == 20
     with pytest.raises(ConfigError, match="train_samples"):
         load_study("configs/study/quickstart.yaml", ["train_samples=[0]"])
+
+
+def test_pretraining_data_drawn_on_the_targets_own_training_images(tmp_path):
+    """`labeled_dir: target` in pretrain_data: made after the target, from crops of its train split only."""
+    path = tiny_study(tmp_path)
+    study = yaml.safe_load(path.read_text())
+    study["pretrain_data"]["overrides"].update({"labeled_dir": "target", "labeled_ratio": 1.0})
+    del study["test_4k"]
+    path.write_text(yaml.safe_dump(study))
+    plan = load_study(path)
+    assert plan.labeled_from == {"pretrain": "target"} and plan.data["pretrain"][1].labeled_dir is None
+    data = _run_data(plan, tmp_path / "s")
+    info = json.loads((data["pretrain"] / "_info.json").read_text())
+    assert info["labeled"]["folder"] == str(data["target"]) and info["labeled"]["split"] == "train"
+    assert info["classes"] == json.loads((data["target"] / "_info.json").read_text())["classes"]
+    assert info["splits"]["train"]["num_samples"] + info["splits"]["val"]["num_samples"] == 16
