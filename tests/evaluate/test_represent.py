@@ -1,5 +1,6 @@
 """How the models see (evaluate/represent.py): CKA, attention distance, receptive field, rollout, probe, AUROC."""
 
+import json
 import math
 
 import numpy as np
@@ -126,3 +127,110 @@ def test_auroc_by_hand():
     assert auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.75)
     assert auroc(torch.ones(4), torch.tensor([0, 1, 0, 1])) == pytest.approx(0.5)
     assert math.isnan(auroc(torch.rand(4), torch.zeros(4)))
+
+
+# ------------------------------------------------------------------------------------- the command, on runs
+
+CLASSES = ["background", "crack", "pit"]
+SMALL_VIT = {"embed_dim": 48, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from defectforge.config import load_config
+    from finetune.config import FinetuneConfig
+    from pretrain.models import create_backbone, model_config, save_model
+    from pretrain.segmenter import build_segmenter, save_segmenter
+    from tests.synth.helpers import make_shards
+
+    root = tmp_path_factory.mktemp("represent")
+    make_shards(root / "shards", num_samples=16, image_size=64, shard_size=8, val_ratio=0.5)
+    classes = json.loads((root / "shards/_info.json").read_text())["classes"]
+    torch.manual_seed(0)
+    for name, over in [("vit", {"model": "vit_tiny", "encoder_kwargs": SMALL_VIT}),
+                       ("cnn", {"model": "resnet18", "architecture": "Unet"})]:
+        model, mcfg = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, **over}), classes)
+        save_segmenter(model, root / name, mcfg)
+    for pool in ("token", "avg"):
+        m = create_backbone("vit_tiny", num_classes=len(classes) - 1, img_size=64, global_pool=pool, depth=2,
+                            **SMALL_VIT)
+        mcfg = model_config("vit_tiny", num_classes=len(classes) - 1, classes=classes, img_size=64, global_pool=pool,
+                            kwargs={"depth": 2, **SMALL_VIT}, mean=[0.5] * 3, std=[0.25] * 3)
+        save_model(m, root / f"cls_{pool}", mcfg)
+    return root
+
+
+def test_represent_writes_the_matrices_figures_and_both_claims(runs, tmp_path):
+    from evaluate.__main__ import main
+
+    out = tmp_path / "rep"
+    models = [str(runs / n) for n in ("vit", "cnn", "cls_token", "cls_avg")]
+    assert main(["represent", "--models", *models, "--shards", str(runs / "shards"), "--out", str(out),
+                 "batch_size=4", "erf_images=2"]) == 0
+    rep = json.loads((out / "represent.json").read_text())
+    names, matrix = rep["cka"]["names"], np.array(rep["cka"]["matrix"])
+    assert len(names) == 12 + 5 + 2 + 2 and np.allclose(np.diag(matrix), 1) and np.allclose(matrix, matrix.T)
+    vit, cnn, token, avg = rep["models"]
+    assert np.array(vit["attention_distance"]).shape == (12, 2) and cnn["attention_distance"] is None
+    assert [f["layer"] for f in cnn["receptive_field"]] == ["act1", "layer1", "layer2", "layer3", "layer4"]
+    fields = [f["mean_distance"] for f in cnn["receptive_field"]]
+    assert fields == sorted(fields)  # deeper stages see farther
+    assert set(vit["localization"]) == {"last-layer CLS attention", "attention rollout"}
+    assert set(cnn["localization"]) == {"Grad-CAM"} and 0 <= cnn["localization"]["Grad-CAM"]["auroc"] <= 1
+    assert (token["global_pool"], avg["global_pool"], vit["global_pool"]) == ("token", "avg", None)
+    assert len(token["probe"]) == 2 and all(0 <= a <= 1 for a in token["probe"])
+    claims = {c["claim"].split(" (")[0]: c["verdict"] for c in rep["claims"]}
+    assert claims["ViT layers see globally early"] in ("supported", "not supported")
+    assert claims["CLS-trained ViTs keep spatial information at the output"] != "not measured"
+    for png in ("cka", "attention_distance", "represent_maps", "probe"):
+        assert (out / f"{png}.png").stat().st_size > 5000
+    assert "How the models see" in (out / "report.md").read_text()
+
+
+def test_the_class_attention_read_here_is_the_one_interpret_computes(runs):
+    from evaluate.interpret import attention_map
+    from evaluate.represent_run import attention_weights, load_subject
+
+    s = load_subject(runs / "vit", torch.device("cpu"))
+    x = torch.rand(1, 3, 64, 64)
+    fused = [b.attn.fused_attn for b in s.encoder.blocks]
+    with torch.no_grad(), attention_weights(s.encoder) as weights:
+        s.encoder.forward_features(x)
+    assert [b.attn.fused_attn for b in s.encoder.blocks] == fused and len(weights) == 12  # switched back after
+    cls = weights[-1][0, :, 0, 1:].mean(0).reshape(1, 1, 4, 4)
+    expected = torch.nn.functional.interpolate(cls, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(attention_map(s.segmenter, x), expected, atol=1e-5)
+
+
+def test_represent_errors_name_the_problem(runs, tmp_path, caplog):
+    from evaluate.__main__ import main
+
+    shards = str(runs / "shards")
+    assert main(["represent", "--models", str(tmp_path), "--shards", shards, "--out", str(tmp_path / "o")]) == 2
+    assert "is not a finetune or pretrain run" in caplog.text
+    assert main(["represent", "--models", str(runs / "vit"), "--shards", shards, "--out", str(tmp_path / "o2"),
+                 "batch_size=2"]) == 2
+    assert "batch_size" in caplog.text and "unbiased HSIC" in caplog.text
+    assert main(["represent", "--models", str(runs / "vit"), "--shards", shards, "--out", str(tmp_path / "o3"),
+                 "rollout_fusion=median"]) == 2
+    assert "rollout_fusion" in caplog.text
+
+
+def test_the_claims_read_hand_built_measures():
+    from evaluate.claims import represent_claims
+
+    def model(name, kind="segmentation", family="ViT", distance=None, field=None, pool=None, probe=None):
+        return {"name": name, "kind": kind, "family": family, "attention_distance": distance, "global_pool": pool,
+                "receptive_field": field and [{"mean_distance": f} for f in field], "probe": probe}
+
+    rep = {"crop": 224, "models": [model("v", distance=[[3, 80], [90, 100]]),
+                                   model("c", family="CNN", field=[5, 20, 40, 70, 120]),
+                                   model("t", "classification", pool="token", probe=[0.8, 0.9]),
+                                   model("a", "classification", pool="avg", probe=[0.8, 0.6])]}
+    early, spatial = represent_claims(rep)
+    assert early.verdict == "supported" and "75%" in early.evidence and "stage 5" in early.evidence
+    assert spatial.verdict == "supported" and "+0.30" in spatial.evidence
+    rep["models"][3]["probe"] = [0.8, 0.93]
+    assert represent_claims(rep)[1].verdict == "not supported"
+    assert represent_claims(rep, learned={"v": False})[0].verdict == "inconclusive: v did not learn"
+    assert [c.verdict for c in represent_claims({"crop": 64, "models": rep["models"][:1]})] == ["not measured"] * 2
