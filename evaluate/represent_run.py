@@ -73,7 +73,7 @@ class Subject:
     """One model as the measures see it."""
     name: str
     run: str
-    kind: str  # "segmentation" (smp network) or "classification" (timm backbone of a pretrain run)
+    kind: str  # "segmentation" (smp network), "classification" or "mae" (timm backbone of a pretrain run)
     encoder: torch.nn.Module  # the timm module
     family: str
     mean: torch.Tensor
@@ -96,8 +96,9 @@ def load_subject(run: str | Path, device: torch.device) -> Subject:
     elif kind == "timm":
         model, mcfg = load_model(run)
         encoder, segmenter = getattr(model, "backbone", model), None
-        pool = (mcfg.get("global_pool") or getattr(encoder, "global_pool", None)) if family_of(encoder) in ATTENTION \
-            else None
+        kind = "mae" if mcfg.get("objective") == "mae" else "classification"
+        pool = (mcfg.get("global_pool") or getattr(encoder, "global_pool", None)) \
+            if family_of(encoder) in ATTENTION and kind == "classification" else None
     else:
         raise ValueError(f"{run}: architecture {kind!r} in model_config.json is neither a segmentation nor a "
                          "classification run")
@@ -107,8 +108,8 @@ def load_subject(run: str | Path, device: torch.device) -> Subject:
     model.to(device).eval()
     mean = torch.tensor(mcfg["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(mcfg["std"], device=device).view(1, -1, 1, 1)
-    return Subject(run.name, str(run), "segmentation" if kind == "smp" else "classification", encoder, family,
-                   mean, std, pool if isinstance(pool, str) else None, segmenter)
+    return Subject(run.name, str(run), "segmentation" if kind == "smp" else kind, encoder, family, mean, std,
+                   pool if isinstance(pool, str) else None, segmenter)
 
 
 def square_crops(images: list[dict], side: int) -> list[dict]:

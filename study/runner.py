@@ -126,4 +126,8 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
         log.info("[evaluate] report is newer than every model, skipped")
         return report / "report.html"
     log.info("[evaluate] %d models on %s", len(runs), ", ".join(shards))
-    return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)])
+    # with represent: true, the classification-pretrained runs join "how the models see" (the token/avg probe)
+    pretrained = [str(root / "pretrain" / name) for name, (cfg, _) in plan.pretrain.items()
+                  if cfg.objective == "classification"] if plan.evaluate.represent else []
+    return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)],
+                    represent_runs=pretrained)

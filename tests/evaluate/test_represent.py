@@ -234,3 +234,22 @@ def test_the_claims_read_hand_built_measures():
     assert represent_claims(rep)[1].verdict == "not supported"
     assert represent_claims(rep, learned={"v": False})[0].verdict == "inconclusive: v did not learn"
     assert [c.verdict for c in represent_claims({"crop": 64, "models": rep["models"][:1]})] == ["not measured"] * 2
+
+
+def test_evaluate_run_with_represent_adds_the_section_and_the_two_claim_rows(runs, tmp_path):
+    from evaluate.config import EvalConfig
+    from evaluate.run import evaluate
+
+    cfg = EvalConfig(tile_size=64, speed_size=[64, 64], repeats=1, warmup=0, wandb=False, interpret_images=2,
+                     overlays=0, represent=True, represent_images=8, represent_crop=64)
+    report = evaluate(cfg, [str(runs / "vit"), str(runs / "cnn")], [str(runs / "shards")], tmp_path / "report",
+                      progress=False, represent_runs=[str(runs / "cls_token"), str(runs / "cls_avg")])
+    results = json.loads((tmp_path / "report/results.json").read_text())
+    assert [m["name"] for m in results["represent"]["models"]] == ["vit", "cnn", "cls_token", "cls_avg"]
+    claims = {c["claim"].split(" (")[0]: c["verdict"] for c in results["claims"]}
+    # untrained models did not learn: the claims that involve them say so
+    assert claims["ViT layers see globally early"].startswith("inconclusive: ")
+    assert claims["CLS-trained ViTs keep spatial information at the output"] != "not measured"
+    text = (tmp_path / "report/report.md").read_text()
+    assert "## How the models see" in text and "cka.png" in text and "probe.png" in text
+    assert report.name == "report.html" and (tmp_path / "report/attention_distance.png").is_file()
