@@ -7,7 +7,8 @@ One JSON line per measurement, {"bench", "value", "unit", "reference", "ratio", 
   encoders' plain forward passes over the same crops (the floor any layer-wise analysis pays).
 - `gradcam_per_image`: seconds of the hand-written Grad-CAM (evaluate/interpret.py) on one crop, against
   pytorch-grad-cam's GradCAM on the same layer and target (only when `pytorch_grad_cam` imports; the maps are
-  compared too: "max_abs_diff" of the min-max-normalised maps).
+  compared too: "max_abs_diff" of the min-max-normalised maps; the untrained head's sign is flipped so that the
+  map is not 0 everywhere).
 "cpu" is lscpu's model name.
 
 Usage: python bench/represent.py [--images 64] [--crop 224] [--repeats 1]
@@ -87,6 +88,9 @@ def gradcam_comparison(cnn_run: str, crop: dict, repeats: int) -> None:
     s = load_subject(cnn_run, torch.device("cpu"))
     x = ((crop["image"][None] - s.mean) / s.std)
     model = s.segmenter
+    with torch.no_grad():  # untrained, "defect rather than background" lowers every feature: the map would be 0
+        model.net.segmentation_head[0].weight.mul_(-1)
+        model.net.segmentation_head[0].bias.mul_(-1)
 
     class Target:
         def __call__(self, out):

@@ -104,15 +104,16 @@ def cka(x: torch.Tensor, y: torch.Tensor, batch: int | None = None) -> float:
 # ------------------------------------------------------------------------------------- attention distance
 
 
-def patch_distances(grid: tuple[int, int], patch: int | tuple[int, int]) -> torch.Tensor:
+def patch_distances(grid: tuple[int, int], patch: float | tuple[float, float]) -> torch.Tensor:
     """(N, N) pixel distance between the centres of the patches of a (gh, gw) grid, row-major."""
-    ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    ys, xs = torch.meshgrid(torch.arange(grid[0]) * ph, torch.arange(grid[1]) * pw, indexing="ij")
+    ph, pw = (patch, patch) if isinstance(patch, int | float) else patch
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64) * ph,
+                            torch.arange(grid[1], dtype=torch.float64) * pw, indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], 1).double()
     return torch.cdist(pos, pos)
 
 
-def attention_distance(weights: torch.Tensor, grid: tuple[int, int], patch: int | tuple[int, int],
+def attention_distance(weights: torch.Tensor, grid: tuple[int, int], patch: float | tuple[float, float],
                        prefix: int = 0) -> np.ndarray:
     """Mean attention distance per head, in pixels, from (B, heads, N, N) attention weights (N = prefix + grid).
 

@@ -23,7 +23,7 @@ from defectforge.config import require
 from pretrain.models import family_of, load_model
 from pretrain.segmenter import load_segmenter
 
-from .interpret import gradcam_map, localization
+from .interpret import gradcam_maps, localization
 from .represent import FUSIONS, MinibatchCKA, attention_distance, auroc, linear_probe, receptive_field, rollout
 
 log = logging.getLogger("evaluate")
@@ -178,11 +178,6 @@ def layer_maps(subject: Subject, x: torch.Tensor) -> tuple[list[str], list[torch
     return names, list(maps)
 
 
-def _patch_size(enc) -> tuple[int, int]:
-    p = enc.patch_embed.patch_size
-    return (p, p) if isinstance(p, int) else tuple(p)
-
-
 def effective_receptive_fields(subject: Subject, crops: list[dict], cfg: RepresentConfig) -> list[dict]:
     """Per CNN stage: |d (central unit, summed over channels) / d input| over `erf_images` crops -> field."""
     x = torch.stack([c["image"] for c in crops[:cfg.erf_images]]).to(subject.mean.device)
@@ -238,7 +233,8 @@ class Measures:
         enc = s.encoder
         prefix = int(enc.num_prefix_tokens)
         grid = tuple(enc.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])))
-        self.distance.append(np.stack([attention_distance(w, grid, _patch_size(enc), prefix) for w in weights]))
+        patch = (x.shape[-2] / grid[0], x.shape[-1] / grid[1])  # px per token, a hybrid's conv stem included
+        self.distance.append(np.stack([attention_distance(w, grid, patch, prefix) for w in weights]))
         last = weights[-1].mean(1)
         cls = last[:, 0, prefix:] if prefix else last[:, prefix:, prefix:].mean(1)
         rolled = rollout(weights, prefix, cfg.rollout_fusion, cfg.discard_ratio)
@@ -264,9 +260,10 @@ class Measures:
     def _saliency(self, crops, x) -> None:
         if self.s.segmenter is None:
             return  # Grad-CAM scores "defect rather than background": a segmentation network's logits
+        cams = gradcam_maps(self.s.segmenter, x).cpu()  # the whole minibatch in one backward pass
         for i, c in enumerate(crops):
             if bool((c["mask"] > 0).any()):
-                self._score(c, {"Grad-CAM": gradcam_map(self.s.segmenter, x[i:i + 1]).cpu()})
+                self._score(c, {"Grad-CAM": cams[i]})
 
     def _score(self, crop: dict, maps: dict[str, torch.Tensor]) -> None:
         for method, sal in maps.items():
@@ -287,7 +284,11 @@ class Measures:
         out = []
         for layer in self.tokens:
             x = torch.cat(layer)
-            out.append(linear_probe(x[train], labels[train], x[test], labels[test]))
+            try:
+                out.append(linear_probe(x[train], labels[train], x[test], labels[test]))
+            except ValueError as err:
+                log.warning("%s: no probe (%s)", self.s.name, err)
+                return None
         return out
 
     def summary(self, erf: list[dict] | None) -> dict:
@@ -305,8 +306,7 @@ class Measures:
 def measure(subjects: list[Subject], crops: list[dict], cfg: RepresentConfig) -> tuple[dict, dict]:
     """Every measure on every model over the same minibatches of `crops`; (results, maps for the figures)."""
     batches = [crops[i:i + cfg.batch_size] for i in range(0, len(crops), cfg.batch_size)]
-    batches = [b for b in batches if len(b) >= 4]  # the unbiased HSIC needs 4 examples
-    if not batches:
+    if len(crops) < 4:
         raise ValueError(f"represent needs at least 4 evaluation images, got {len(crops)}")
     models, maps, cka = [], {}, MinibatchCKA()
     gathered = []
@@ -320,6 +320,8 @@ def measure(subjects: list[Subject], crops: list[dict], cfg: RepresentConfig) ->
         gathered.append(m)
         log.info("%s: %d layers measured", s.name, len(models[-1]["layers"]))
     for b in range(len(batches)):
+        if len(batches[b]) < 4:  # a last minibatch too small for the unbiased HSIC: left out of the CKA only
+            continue
         cka.update({f"{m.s.name}/{layer}": f for m in gathered for layer, f in m.cka_batches[b].items()})
-    return {"images": len(crops), "crop": int(crops[0]["image"].shape[-1]), "batches": len(batches),
+    return {"images": len(crops), "crop": int(crops[0]["image"].shape[-1]), "batches": cka.batches,
             "models": models, "cka": {"names": cka.names, "matrix": cka.compute().tolist()}}, maps

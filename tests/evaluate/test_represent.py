@@ -253,3 +253,37 @@ def test_evaluate_run_with_represent_adds_the_section_and_the_two_claim_rows(run
     text = (tmp_path / "report/report.md").read_text()
     assert "## How the models see" in text and "cka.png" in text and "probe.png" in text
     assert report.name == "report.html" and (tmp_path / "report/attention_distance.png").is_file()
+
+
+def test_a_hybrid_vit_measures_distance_in_pixels_of_its_tokens_not_of_its_patch_projection():
+    import timm
+
+    from evaluate.represent_run import RepresentConfig, Subject, measure
+
+    torch.manual_seed(0)
+    enc = timm.create_model("vit_small_r26_s32_224", img_size=64, dynamic_img_size=True, depth=2).eval()
+    assert enc.patch_embed.patch_size == (1, 1)  # on the stem's feature map; a token covers 32 px
+    s = Subject("hybrid", "-", "classification", enc, "ViT-Hybrid", torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1),
+                "token")
+    crops = [{"key": str(i), "image": torch.rand(3, 64, 64), "mask": torch.zeros(64, 64, dtype=torch.long)}
+             for i in range(4)]
+    for c in crops[::2]:
+        c["mask"][:32, :32] = 1
+    rep, _ = measure([s], crops, RepresentConfig(batch_size=4, crop=64))
+    distance = np.array(rep["models"][0]["attention_distance"])
+    assert distance.shape == (2, 6) and (distance > 8).all() and (distance <= 32 * math.sqrt(2)).all()
+
+
+def test_gradcam_of_a_batch_is_each_image_on_its_own(runs):
+    from evaluate.interpret import gradcam_map, gradcam_maps
+    from evaluate.represent_run import load_subject
+
+    s = load_subject(runs / "cnn", torch.device("cpu"))
+    with torch.no_grad():
+        s.segmenter.net.segmentation_head[0].weight.mul_(-1)  # untrained: the map would be 0 everywhere
+        s.segmenter.net.segmentation_head[0].bias.mul_(-1)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch = gradcam_maps(s.segmenter, x)
+    assert batch.shape == (3, 64, 64) and batch.abs().sum() > 0
+    for i in range(3):
+        assert torch.allclose(batch[i], gradcam_map(s.segmenter, x[i:i + 1]), atol=1e-5, rtol=1e-4)
