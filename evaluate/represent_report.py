@@ -55,8 +55,8 @@ def distance_figure(rep: dict):
             ax.plot([f["depth"] for f in fields], [f["mean_distance"] for f in fields], "s-", color=color,
                     label=f"{m['name']} ({m['family']}: receptive field per stage)")
     ax.axhline(rep["crop"] / 2, color="gray", ls=":", lw=1)
-    ax.annotate("half the crop", (0.5, rep["crop"] / 2), fontsize=7, color="gray", xytext=(2, 2),
-                textcoords="offset points")
+    ax.annotate("half the crop (about uniform attention)", (0.5, rep["crop"] / 2), fontsize=7, color="gray",
+                xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("depth: ViT block / CNN encoder stage")
     ax.set_ylabel("mean distance (px)")
     ax.grid(alpha=0.3)
@@ -97,7 +97,7 @@ def maps_figure(maps: dict):
             if sal is not None:
                 ax.imshow(sal, cmap="inferno", alpha=0.6)
             ax.contour(mask.numpy() > 0, levels=[0.5], colors="cyan", linewidths=0.7)
-            ax.set_title(f"{name}: {title}" if c else f"{name}\n{key}", fontsize=7)
+            ax.set_title(title if c else f"{name}\n{key}", fontsize=7)
     return fig
 
 

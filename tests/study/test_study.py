@@ -227,3 +227,17 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     assert "resnet18-unet-n20-s1" in plan.finetune and plan.finetune["resnet18-unet-n20-s1"][0].train_samples == 20
     with pytest.raises(ConfigError, match="train_samples"):
         load_study("configs/study/quickstart.yaml", ["train_samples=[0]"])
+
+
+def test_represent_true_hands_the_classification_pretrain_runs_to_the_evaluation(tmp_path, monkeypatch):
+    from study.runner import represent_runs
+
+    monkeypatch.chdir(REPO)
+    path = tiny_study(tmp_path)
+    study = yaml.safe_load(path.read_text())
+    study["pretrain"].append({**study["pretrain"][0], "name": "cls",
+                              "overrides": {**study["pretrain"][0]["overrides"], "objective": "classification"}})
+    path.write_text(yaml.safe_dump(study))
+    assert represent_runs(load_study(path), tmp_path) == []
+    plan = load_study(path, ["evaluate.overrides.represent=true"])
+    assert plan.evaluate.represent is True and represent_runs(plan, tmp_path) == [str(tmp_path / "pretrain/cls")]
