@@ -1,4 +1,5 @@
-"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`.
+"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`
+and `python -m evaluate represent --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`.
 See docs/evaluate.md. (The study runner moved to `python -m study CONFIG`.)"""
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="report folder")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="key=value, e.g. tile_size=512 overlap=0.1 blend=gaussian")
+    v = sub.add_parser("represent", help="how the models see: CKA, attention distance, rollout, the probe")
+    v.add_argument("--config", help="optional YAML file of represent keys (docs/evaluate.md)")
+    v.add_argument("--models", nargs="+", required=True, help="finetune or pretrain run folders")
+    v.add_argument("--shards", nargs="+", required=True, help="shard folders (their test, val or last split)")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("overrides", nargs="*", help="key=value, e.g. crop=224 max_images=64 rollout_fusion=max")
     s = sub.add_parser("study", help="moved: use `python -m study CONFIG [--out DIR] [key=value ...]`")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -39,12 +46,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.models, overrides = split_overrides(args.models, args.overrides)
     args.shards, args.overrides = split_overrides(args.shards, overrides)
+    command = "python -m evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        if args.command == "represent":
+            from .represent_report import run_represent
+            from .represent_run import RepresentConfig
+
+            path = run_represent(load_config(RepresentConfig, args.config, args.overrides), args.models,
+                                 args.shards, args.out, commands=[command])
+            log.info("report: %s", path)
+            print(f"report: {path}")
+            return 0
         from .config import EvalConfig
         from .run import evaluate
 
         cfg = load_config(EvalConfig, args.config, args.overrides)
-        command = "python -m evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
         path = evaluate(cfg, args.models, args.shards, args.out, progress=not args.no_progress, commands=[command])
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)

@@ -23,6 +23,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .cost import quartiles
 from .metrics import mean_difference, miou_difference
 from .records import ModelResult, Timing
@@ -258,3 +260,58 @@ def decide_claims(results: list[ModelResult], margin: float = 0.01, overlap: flo
               _seam_claim(results, overlap), *_diffusion_claim(results, margin)]
     learned = {r.name: r.learned.learned for r in results}
     return [_gate(c, learned) for c in claims]
+
+
+# ------------------------------------------------------------- how the models see (evaluate/represent_run.py)
+
+EARLY = 2  # "by layer 2"
+
+
+def _global_early_claim(rep: dict) -> Claim:
+    """Heads of a ViT's blocks 1-2 whose mean attention distance exceeds the first CNN's effective receptive field
+    (gradient-weighted mean distance) at the same depth: supported when more than half of them do."""
+    title = "ViT layers see globally early (Raghu et al.: by layer 2; CNNs need 5+ layers)"
+    vits = [m for m in rep["models"] if m["attention_distance"]]
+    cnns = [m for m in rep["models"] if m["receptive_field"]]
+    names = [m["name"] for m in vits[:1] + cnns[:1]]
+    if not vits or not cnns:
+        return Claim(title, "not measured", "needs a ViT (or hybrid) and a CNN in `represent`", names)
+    v, c = vits[0], cnns[0]
+    fields = [f["mean_distance"] for f in c["receptive_field"]]
+    heads = [(d, fields[min(i, len(fields) - 1)]) for i, layer in enumerate(v["attention_distance"][:EARLY])
+             for d in layer]
+    share = float(np.mean([d > f for d, f in heads]))
+    widest = max(d for d, _ in heads)
+    reach = next((i + 1 for i, f in enumerate(fields) if f >= widest), None)
+    evidence = (f"{share:.0%} of {v['name']}'s {len(heads)} heads in blocks 1-{EARLY} attend farther than "
+                f"{c['name']}'s receptive field at the same depth (ViT head mean distances "
+                f"{', '.join(f'{d:.1f}' for d, _ in heads)} px; CNN stages 1-{EARLY}: "
+                f"{', '.join(f'{f:.1f}' for f in fields[:EARLY])} px, of {rep['crop']} px crops); the CNN's field "
+                + (f"reaches the widest early head ({widest:.1f} px) at stage {reach}" if reach else
+                   f"never reaches the widest early head ({widest:.1f} px) in its {len(fields)} stages"))
+    return Claim(title, "supported" if share > 0.5 else "not supported", evidence, names)
+
+
+def _spatial_output_claim(rep: dict, margin: float) -> Claim:
+    """Last-block probe accuracy (balanced, chance 0.5) of a class-token ViT against an average-pooled one."""
+    title = "CLS-trained ViTs keep spatial information at the output"
+    probed = [m for m in rep["models"] if m["probe"] and m["kind"] == "classification"]
+    token = [m for m in probed if m["global_pool"] == "token"]
+    avg = [m for m in probed if m["global_pool"] == "avg"]
+    if not token or not avg:
+        return Claim(title, "not measured", "needs two classification-pretrained ViTs, one with global_pool=token "
+                     "and one with global_pool=avg", [m["name"] for m in token + avg])
+    t, a = token[0], avg[0]
+    diff = t["probe"][-1] - a["probe"][-1]
+    verdict = "supported" if diff >= margin else "not supported" if diff <= 0 else "inconclusive"
+    evidence = (f"probe of each last-block patch token for its own patch's defect label (balanced accuracy, chance "
+                f"0.50): {t['name']} (token) {t['probe'][-1]:.2f}, {a['name']} (avg) {a['probe'][-1]:.2f}, "
+                f"difference {diff:+.2f} (a gain counts from {margin:.2f}); their best blocks "
+                f"{max(t['probe']):.2f} and {max(a['probe']):.2f}")
+    return Claim(title, verdict, evidence, [t["name"], a["name"]])
+
+
+def represent_claims(rep: dict, margin: float = 0.05, learned: dict[str, bool] | None = None) -> list[Claim]:
+    """The two claims of Raghu et al. that `represent` measures, gated like the others when `learned` is given."""
+    claims = [_global_early_claim(rep), _spatial_output_claim(rep, margin)]
+    return [_gate(c, learned or {}) for c in claims]

@@ -38,6 +38,10 @@ class EvalConfig:
     # interpretability (evaluate/interpret.py): ViT attention vs CNN Grad-CAM against the defect masks
     interpret_images: int = 8  # images with a defect scored per model (0 = off)
     interpret_tolerance: int = 8  # px around a defect that count as "on the defect"
+    # how the models see (evaluate/represent_run.py, docs/evaluate.md): CKA, attention distance, rollout, probe
+    represent: bool = False  # true: the report's "How the models see" section and its two claims
+    represent_images: int = 32  # evaluation images (cropped to represent_crop) the measures use
+    represent_crop: int = 224  # px, square crops around a defect (a multiple of 32)
     # cost
     speed_size: list[int] = field(default_factory=lambda: [2160, 3840])  # the "4K image" that is timed
     repeats: int = 3
@@ -72,4 +76,8 @@ class EvalConfig:
         require(self.interpret_images >= 0, "interpret_images", self.interpret_images, "an integer >= 0")
         require(0 <= self.interpret_tolerance <= 128, "interpret_tolerance", self.interpret_tolerance,
                 "an integer in [0, 128]")
+        require(isinstance(self.represent, bool), "represent", self.represent, "true or false")
+        require(self.represent_images >= 4, "represent_images", self.represent_images, "an integer >= 4")
+        require(32 <= self.represent_crop <= 2048 and self.represent_crop % 32 == 0, "represent_crop",
+                self.represent_crop, "a multiple of 32 between 32 and 2048")
         require(self.overlays >= 0, "overlays", self.overlays, "an integer >= 0")

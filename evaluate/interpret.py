@@ -64,6 +64,12 @@ def attention_map(model, image: torch.Tensor) -> torch.Tensor:
 
 def gradcam_map(model, image: torch.Tensor) -> torch.Tensor:
     """(H, W) Grad-CAM of the deepest encoder features for "defect rather than background"."""
+    return gradcam_maps(model, image)[0]
+
+
+def gradcam_maps(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) Grad-CAM of each image of a batch (the score is summed over the images, each image's own mean
+    over pixels: the network is in eval mode, so an image's gradient is that of its own score)."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(_m, _args, out):
@@ -72,11 +78,12 @@ def gradcam_map(model, image: torch.Tensor) -> torch.Tensor:
         captured["f"] = feature
 
     hook = model.net.encoder.register_forward_hook(keep)
-    padded, h, w = _pad(model, image)
+    padded, h, w = _pad(model, images)
     try:
         with torch.enable_grad():
             logits = model.net(padded.requires_grad_(False))
-            score = (logits[:, 1:].logsumexp(1) - logits[:, 0]).mean()
+            logits = logits[0] if isinstance(logits, tuple) else logits  # a network with the auxiliary label head
+            score = (logits[:, 1:].logsumexp(1) - logits[:, 0]).mean((1, 2)).sum()
             model.zero_grad(set_to_none=True)
             score.backward()
     finally:
@@ -84,7 +91,7 @@ def gradcam_map(model, image: torch.Tensor) -> torch.Tensor:
     feature = captured["f"]
     cam = F.relu((feature.grad.mean((2, 3), keepdim=True) * feature).sum(1, keepdim=True)).detach()
     model.zero_grad(set_to_none=True)
-    return F.interpolate(cam, size=padded.shape[-2:], mode="bilinear", align_corners=False)[0, 0, :h, :w]
+    return F.interpolate(cam, size=padded.shape[-2:], mode="bilinear", align_corners=False)[:, 0, :h, :w]
 
 
 def crop_around_defect(image: torch.Tensor, mask: torch.Tensor, side: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:

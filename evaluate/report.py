@@ -303,7 +303,7 @@ def _damage_note(damage: dict | None) -> str:
 
 
 def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predictions: dict[str, dict],
-                 maps: dict[str, list] | None = None) -> Path:
+                 maps: dict[str, list] | None = None, represent_maps: dict | None = None) -> Path:
     results, cfg = evaluation.results, evaluation.config
     doc = Doc(out)
     doc.para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; device "
@@ -325,6 +325,10 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
     doc.heading("Accuracy against speed")
     _speed_figure(doc, results, cfg)
     _interpret_section(doc, results, cfg, maps)
+    if evaluation.represent is not None:
+        from .represent_report import represent_section  # it draws with this module's Doc
+
+        represent_section(doc, evaluation.represent, represent_maps or {})
     if overlays:
         doc.heading("Predictions on the largest images")
         for i, sample in enumerate(overlays):

@@ -209,9 +209,23 @@ def _time_whole(model: torch.nn.Module, x: torch.Tensor, cfg: EvalConfig) -> dic
         return {"error": str(err).splitlines()[0]}
 
 
+def _represent(cfg: EvalConfig, runs: list[Path], extra: list[str], images: list[dict],
+               results: list[ModelResult]) -> tuple[dict, dict, list]:
+    """With `represent: true`: how the models (and the `extra` pretrain runs) see, and its two claims."""
+    from .claims import represent_claims
+    from .represent_report import represent_images
+    from .represent_run import RepresentConfig
+
+    rcfg = RepresentConfig(max_images=None, crop=cfg.represent_crop, device=cfg.device,
+                           interpret_tolerance=cfg.interpret_tolerance, seed=cfg.seed)
+    rep, maps = represent_images(rcfg, [str(r) for r in runs] + list(extra), images[:cfg.represent_images])
+    return rep, maps, represent_claims(rep, rcfg.probe_margin, {r.name: r.learned.learned for r in results})
+
+
 def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | Path, *, progress: bool = True,
-             commands: list[str] | None = None) -> Path:
-    """Evaluate every run in `models` on `shards`, write results.json and the report; returns report.html."""
+             commands: list[str] | None = None, represent_runs: list[str] | None = None) -> Path:
+    """Evaluate every run in `models` on `shards`, write results.json and the report; returns report.html.
+    With `represent: true` the measures of how the models see also take `represent_runs` (pretrain runs)."""
     from .report import write_report
 
     device = resolve_device(cfg.device)
@@ -234,8 +248,10 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
         maps[entry.result.name] = extra["maps"]
     time_models(loaded, images, cfg, device)
     results = [m.result for m in loaded]
+    rep, rep_maps, rep_claims = _represent(cfg, runs, represent_runs or [], images, results) if cfg.represent \
+        else (None, {}, [])
     evaluation = Evaluation(config=cfg, classes=classes, sources=sources, images=len(images), device=str(device),
-                            results=results, claims=decide_claims(results, cfg.claim_margin, cfg.overlap),
-                            commands=commands or [], data_damage=damage)
+                            results=results, claims=decide_claims(results, cfg.claim_margin, cfg.overlap) + rep_claims,
+                            commands=commands or [], data_damage=damage, represent=rep)
     write_atomic(out / "results.json", json.dumps(evaluation.to_dict(), indent=2, default=float) + "\n")
-    return write_report(out, evaluation, by_size[:cfg.overlays], predictions, maps)
+    return write_report(out, evaluation, by_size[:cfg.overlays], predictions, maps, rep_maps)

@@ -106,6 +106,15 @@ def _run_finetune(plan: StudyPlan, data: dict[str, Path], root: Path) -> list[st
     return runs
 
 
+def represent_runs(plan: StudyPlan, root: Path) -> list[str]:
+    """With `evaluate.overrides.represent: true`, the classification-pretrained runs join "how the models see"
+    (the token/avg probe needs a pooled head); otherwise none."""
+    if not plan.evaluate.represent:
+        return []
+    return [str(root / "pretrain" / name) for name, (cfg, _) in plan.pretrain.items()
+            if cfg.objective == "classification"]
+
+
 def command_line(config: str | Path, out: str | Path | None, overrides: list[str] | None) -> str:
     """The command that reruns this study (shown in the report)."""
     return "python -m study " + shlex.join([str(config)] + (["--out", str(out)] if out else []) + list(overrides or []))
@@ -131,7 +140,8 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
         log.info("[evaluate] report is newer than every model, skipped")
         return report / "report.html"
     log.info("[evaluate] %d models on %s", len(runs), ", ".join(shards))
-    return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)])
+    return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)],
+                    represent_runs=represent_runs(plan, root))
 
 
 def summary(report_html: Path) -> list[str]:

@@ -248,3 +248,17 @@ def test_pretraining_data_drawn_on_the_targets_own_training_images(tmp_path):
     assert info["labeled"]["folder"] == str(data["target"]) and info["labeled"]["split"] == "train"
     assert info["classes"] == json.loads((data["target"] / "_info.json").read_text())["classes"]
     assert info["splits"]["train"]["num_samples"] + info["splits"]["val"]["num_samples"] == 16
+
+
+def test_represent_true_hands_the_classification_pretrain_runs_to_the_evaluation(tmp_path, monkeypatch):
+    from study.runner import represent_runs
+
+    monkeypatch.chdir(REPO)
+    path = tiny_study(tmp_path)
+    study = yaml.safe_load(path.read_text())
+    study["pretrain"].append({**study["pretrain"][0], "name": "cls",
+                              "overrides": {**study["pretrain"][0]["overrides"], "objective": "classification"}})
+    path.write_text(yaml.safe_dump(study))
+    assert represent_runs(load_study(path), tmp_path) == []
+    plan = load_study(path, ["evaluate.overrides.represent=true"])
+    assert plan.evaluate.represent is True and represent_runs(plan, tmp_path) == [str(tmp_path / "pretrain/cls")]
