@@ -1,5 +1,6 @@
-"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`.
-See docs/evaluate.md. (The study runner moved to `python -m study CONFIG`.)"""
+"""`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`,
+`python -m evaluate export --model RUN --format onnx|openvino --shards DIR [--tile 512] [--dtype fp32|fp16|int8]`.
+See docs/evaluate.md and docs/deploy.md. (The study runner moved to `python -m study CONFIG`.)"""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="report folder")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("overrides", nargs="*", help="key=value, e.g. tile_size=512 overlap=0.1 blend=gaussian")
+    e = sub.add_parser("export", help="export a finetune run to ONNX or OpenVINO, with a parity check")
+    e.add_argument("--model", required=True, help="finetune run folder")
+    e.add_argument("--format", required=True, choices=["onnx", "openvino"])
+    e.add_argument("--shards", required=True, help="shard folder: parity on its test/val tiles, int8 calibration "
+                   "on its train tiles")
+    e.add_argument("--tile", type=int, default=512, help="tile size the model is exported for (fixed)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--parity-tiles", type=int, default=16)
+    e.add_argument("--calibration-tiles", type=int, default=32)
     s = sub.add_parser("study", help="moved: use `python -m study CONFIG [--out DIR] [key=value ...]`")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -37,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("`python -m evaluate study` moved to `python -m study CONFIG [--out DIR] [key=value ...]`, e.g. "
                   "python -m study %s", shlex.join(args.rest) or "configs/study/quickstart.yaml")
         return 2
+    if args.command == "export":
+        return _export(args)
     args.models, overrides = split_overrides(args.models, args.overrides)
     args.shards, args.overrides = split_overrides(args.shards, overrides)
     try:
@@ -51,6 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("report: %s", path)
     print(f"report: {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from .export import export_model
+
+        folder = export_model(args.model, args.format, shards=args.shards, tile=args.tile, dtype=args.dtype,
+                              parity_tiles=args.parity_tiles, calibration_tiles=args.calibration_tiles)
+    except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    print(f"exported: {folder}")
     return 0
 
 
