@@ -103,11 +103,11 @@ def to_fp16(fp32: Path, out: Path) -> None:
     onnx.save(float16.convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True), str(out))
 
 
-def _confusion(pred: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
+def confusion(pred: torch.Tensor, truth: torch.Tensor, k: int) -> torch.Tensor:
     return torch.bincount(truth.flatten().long() * k + pred.flatten().long(), minlength=k * k).view(k, k)
 
 
-def _miou(conf: torch.Tensor) -> float:
+def miou(conf: torch.Tensor) -> float:
     conf = conf.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
@@ -128,12 +128,12 @@ def parity(model: torch.nn.Module, exported: ExportedModel, tiles: list[tuple[to
         max_diff, total_diff, values = max(max_diff, float(diff.max())), total_diff + float(diff.sum()), \
             values + diff.numel()
         p_ref, p_out = ref[0].argmax(0), out[0].argmax(0)
-        agree += _confusion(p_out, p_ref, k)
-        truth_eager += _confusion(p_ref, mask, k)
-        truth_exported += _confusion(p_out, mask, k)
-    miou_eager, miou_exported = _miou(truth_eager), _miou(truth_exported)
+        agree += confusion(p_out, p_ref, k)
+        truth_eager += confusion(p_ref, mask, k)
+        truth_exported += confusion(p_out, mask, k)
+    miou_eager, miou_exported = miou(truth_eager), miou(truth_exported)
     return {"tiles": len(tiles), "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": total_diff / max(values, 1),
-            "iou_vs_torch": _miou(agree), "pixel_agreement": float(agree.diag().sum() / agree.sum()),
+            "iou_vs_torch": miou(agree), "pixel_agreement": float(agree.diag().sum() / agree.sum()),
             "miou_torch": miou_eager, "miou_exported": miou_exported, "miou_change": miou_exported - miou_eager}
 
 

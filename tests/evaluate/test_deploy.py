@@ -115,3 +115,41 @@ def test_bf16_and_compile_runtimes_run_the_eager_model():
     with torch.no_grad():
         out = load_runtime(model, "unused", "bf16", 16)(x)
     assert out.dtype == torch.float32 and (out - model(x)).abs().max() < 0.05
+
+
+def test_evaluate_run_measures_each_runtime_and_the_claims_use_the_fastest_within_tolerance(runs, shards, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the deploy extra (onnxruntime) is not installed")
+    pytest.importorskip("onnx", reason="the deploy extra (onnx) is not installed")
+    for kind in ("cnn", "vit"):
+        if not (runs[kind] / f"exported/onnx-fp32-{TILE}/export.json").is_file():
+            _export(runs[kind], shards, "onnx")
+    from evaluate.config import EvalConfig
+    from evaluate.run import evaluate
+
+    cfg = load_config(EvalConfig, None, {"wandb": False, "tile_size": TILE, "speed_size": [64, 96], "repeats": 2,
+                                         "warmup": 0, "interpret_images": 0, "overlays": 0,
+                                         "runtime": ["onnxruntime", "bf16"]})
+    assert cfg.runtimes == ["torch", "onnxruntime", "bf16"]
+    evaluate(cfg, [str(runs["cnn"]), str(runs["vit"])], [str(shards)], tmp_path / "report", progress=False)
+    results = json.loads((tmp_path / "report/results.json").read_text())["results"]
+    for r in results:
+        rt = r["cost"]["runtimes"]
+        assert set(rt) == {"torch", "onnxruntime", "bf16"} and rt["torch"]["miou_change"] == 0
+        assert abs(rt["onnxruntime"]["miou_change"]) < 1e-3 and rt["onnxruntime"]["within_tolerance"]
+        assert len(rt["onnxruntime"]["tiled"]["seconds_all"]) == 2
+        kept = {k: v["tiled"]["seconds_per_image"] for k, v in rt.items() if v["within_tolerance"]}
+        assert r["cost"]["deployed"] == min(kept, key=kept.get)
+    report = (tmp_path / "report/report.md").read_text()
+    assert "Speed per runtime" in report and "onnxruntime: s / 4K image" in report
+    assert "4K frames per second" in report
+
+
+def test_evaluate_run_refuses_a_runtime_without_its_export_before_any_work(runs, shards, tmp_path, caplog):
+    pytest.importorskip("openvino", reason="the deploy extra (openvino) is not installed")
+    caplog.set_level(logging.ERROR)
+    assert main(["run", "--config", str(REPO / "configs/evaluate/default.yaml"), "--models", str(runs["vit"]),
+                 "--shards", str(shards), "--out", str(tmp_path / "r"), "runtime=openvino-int8", "wandb=false"]) == 2
+    assert "no openvino int8 export at tile 512" in caplog.text and not (tmp_path / "r").exists()
+    assert main(["run", "--config", str(REPO / "configs/evaluate/default.yaml"), "--models", str(runs["vit"]),
+                 "--shards", str(shards), "--out", str(tmp_path / "r"), "runtime=tensorrt"]) == 2
+    assert "key 'runtime': value 'tensorrt' is invalid" in caplog.text
