@@ -1,5 +1,6 @@
 """`python -m evaluate run --config FILE --models RUN [RUN ...] --shards DIR [DIR ...] --out DIR [key=value ...]`,
-`python -m evaluate export --model RUN --format onnx|openvino --shards DIR [--tile 512] [--dtype fp32|fp16|int8]`.
+`python -m evaluate export --model RUN --format onnx|openvino --shards DIR [--tile 512] [--dtype fp32|fp16|int8]`,
+`python -m evaluate stream --model RUN SOURCE --out DIR [runtime=torch] [every=1] [key=value ...]`.
 See docs/evaluate.md and docs/deploy.md. (The study runner moved to `python -m study CONFIG`.)"""
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "int8"])
     e.add_argument("--parity-tiles", type=int, default=16)
     e.add_argument("--calibration-tiles", type=int, default=32)
+    v = sub.add_parser("stream", help="segment a video file, camera URL or folder of frames; overlay video, "
+                       "one JSON line per frame, FPS summary")
+    v.add_argument("--model", required=True, help="finetune run folder")
+    v.add_argument("--out", required=True, help="output folder")
+    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("source", help="video file, rtsp:// or http:// URL, or folder of frames")
+    v.add_argument("overrides", nargs="*", help="key=value, e.g. runtime=onnxruntime every=2 tile_size=512")
     s = sub.add_parser("study", help="moved: use `python -m study CONFIG [--out DIR] [key=value ...]`")
     s.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -42,13 +50,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "stream" or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # stream: key=value after --out (argparse takes positionals only up to the first option)
+        args.overrides = [*args.overrides, *extra]
     if args.command == "study":  # the study runner drives every stage, so it lives downstream of evaluate
         log.error("`python -m evaluate study` moved to `python -m study CONFIG [--out DIR] [key=value ...]`, e.g. "
                   "python -m study %s", shlex.join(args.rest) or "configs/study/quickstart.yaml")
         return 2
     if args.command == "export":
         return _export(args)
+    if args.command == "stream":
+        return _stream(args)
     args.models, overrides = split_overrides(args.models, args.overrides)
     args.shards, args.overrides = split_overrides(args.shards, overrides)
     try:
@@ -63,6 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("report: %s", path)
     print(f"report: {path}")
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    try:
+        from .stream import StreamConfig, stream
+
+        cfg = load_config(StreamConfig, None, args.overrides)
+        summary = stream(args.model, args.source, args.out, cfg, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    print(f"stream: {summary['frames_segmented']} frames, {summary['fps']:.2f} FPS -> {args.out}")
     return 0
 
 
