@@ -93,8 +93,13 @@ class _Calibration:
 
 def quantize_int8(fp32: Path, out: Path, tiles: list[torch.Tensor]) -> None:
     q = require_package("onnxruntime.quantization", "--dtype int8")
-    q.quantize_static(str(fp32), str(out), _Calibration(tiles, "image"), quant_format=q.QuantFormat.QDQ,
-                      per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)  # the quantizer warns on the root logger per bias it folds, hundreds of lines
+    try:
+        q.quantize_static(str(fp32), str(out), _Calibration(tiles, "image"), quant_format=q.QuantFormat.QDQ,
+                          per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def to_fp16(fp32: Path, out: Path) -> None:
@@ -137,6 +142,27 @@ def parity(model: torch.nn.Module, exported: ExportedModel, tiles: list[tuple[to
             "miou_torch": miou_eager, "miou_exported": miou_exported, "miou_change": miou_exported - miou_eager}
 
 
+def build(model: torch.nn.Module, work: Path, fmt: str, dtype: str, tile: int,
+          calibration: list[torch.Tensor] | None = None) -> str:
+    """Write the exported model into `work`; returns its file name. int8 needs `calibration` tiles."""
+    onnx_file = work / "model.onnx"
+    export_onnx(model, onnx_file, tile)
+    if dtype == "int8":
+        if not calibration:
+            raise ValueError("--dtype int8 needs calibration tiles")
+        quantize_int8(onnx_file, work / "model.int8.onnx", calibration)
+        (work / "model.int8.onnx").replace(onnx_file)
+    elif dtype == "fp16" and fmt == "onnx":
+        to_fp16(onnx_file, work / "model.fp16.onnx")
+        (work / "model.fp16.onnx").replace(onnx_file)
+    if fmt == "onnx":
+        return onnx_file.name
+    ov = require_package("openvino", "--format openvino")
+    ov.save_model(ov.convert_model(str(onnx_file)), str(work / "model.xml"), compress_to_fp16=dtype == "fp16")
+    onnx_file.unlink()
+    return "model.xml"
+
+
 def export_model(run_dir: str | Path, fmt: str, *, shards: str, tile: int = 512, dtype: str = "fp32",
                  parity_tiles: int = 16, calibration_tiles: int = 32) -> Path:
     """Export `run_dir` and check it; returns the export folder (RUN/exported/<fmt>-<dtype>-<tile>)."""
@@ -166,24 +192,12 @@ def export_model(run_dir: str | Path, fmt: str, *, shards: str, tile: int = 512,
     work.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        onnx_file = work / "model.onnx"
-        export_onnx(model, onnx_file, tile)
-        calibration = None
+        calibration = calib = None
         if dtype == "int8":
             train = _split(shards, ("train",))
             calibration = {"split": train, "tiles": calibration_tiles}
             calib = [t for t, _ in real_tiles(shards, train, tile, calibration_tiles, *args[2:])]
-            quantize_int8(onnx_file, work / "model.int8.onnx", calib)
-            (work / "model.int8.onnx").replace(onnx_file)
-        elif dtype == "fp16" and fmt == "onnx":
-            to_fp16(onnx_file, work / "model.fp16.onnx")
-            (work / "model.fp16.onnx").replace(onnx_file)
-        file = "model.onnx"
-        if fmt == "openvino":
-            ov = require_package("openvino", "--format openvino")
-            ov.save_model(ov.convert_model(str(onnx_file)), str(work / "model.xml"), compress_to_fp16=dtype == "fp16")
-            onnx_file.unlink()
-            file = "model.xml"
+        file = build(model, work, fmt, dtype, tile, calib)
         info = {"run": str(run_dir), "format": fmt, "dtype": dtype, "tile": tile, "file": file, "opset": OPSET,
                 "input": "image (N, 3, tile, tile), normalised with mean/std; dynamic batch",
                 "output": "logits (N, classes, tile, tile)", "classes": mcfg["classes"], "mean": mcfg["mean"],
