@@ -175,15 +175,16 @@ def export_model(run_dir: str | Path, fmt: str, *, shards: str, tile: int = 512,
     run_dir = Path(run_dir)
     if not (run_dir / "model_config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finetune run (no model_config.json; did it reach max_steps?)")
+    stride = json.loads((run_dir / "model_config.json").read_text()).get("stride")  # absent in older runs
+    if stride and tile % int(stride):  # every tile would be padded to the next multiple: wasted work
+        raise ValueError(f"--tile {tile} is not a multiple of {run_dir.name}'s stride {stride}")
     require_package("onnx", f"--format {fmt}")
-    require_package("onnxruntime", f"--format {fmt} (the parity check and int8 calibration)")
+    if fmt == "onnx" or dtype != "fp32":  # the onnx parity check, int8 quantization, the fp16 graph conversion
+        require_package("onnxruntime", f"--format {fmt} --dtype {dtype}")
     if fmt == "openvino":
         require_package("openvino", "--format openvino")
     model, mcfg = load_segmenter(run_dir)
     model.eval()
-    stride = int(mcfg.get("stride") or 32)
-    if tile % stride:
-        raise ValueError(f"--tile {tile} is not a multiple of {run_dir.name}'s stride {stride}")
     args = (tile, parity_tiles, mcfg["mean"], mcfg["std"], mcfg["classes"])
     eval_tiles = real_tiles(shards, _split(shards, ("test", "val")), *args)
     final = export_dir(run_dir, fmt, dtype, tile)
