@@ -12,8 +12,9 @@ One JSON line per measurement: {"bench", "value", "unit", "reference", "ratio"},
   against eager PyTorch fp32, all runtimes timed in alternation (`evaluate.cost.time_interleaved`, one warm-up
   round); the ratio is the speed-up. Each line carries the IoU of the runtime's argmax against eager's on the
   4K image (`iou_vs_torch`, the mIoU change on random-initialised weights means nothing) and the max logit
-  difference. `fastest_<model>`: the fastest runtime. Target: >= 1.5x eager for ViT-Tiny + DPT and DeepLabV3+
-  ResNet-50.
+  difference. `fastest_<model>`: the fastest runtime whose `iou_vs_torch` >= 1 - `--tolerance` (0.005), as the
+  report's claims (`fastest_any_<model>`: regardless of accuracy). Target: >= 1.5x eager for ViT-Tiny + DPT and
+  DeepLabV3+ ResNet-50.
 Times are medians of `--repeats` runs after one warm-up run of each method. Every line carries `other_cpu`, the
 share of the machine's CPU used by other processes while it was measured, and the first line the CPU model.
 
@@ -88,9 +89,13 @@ def runtimes(name: str, model: torch.nn.Module, image: torch.Tensor, calib_image
         emit(f"runtime_{name}_{rt}", 1 / seconds[rt], "4K images/s", 1 / seconds["torch"], digits=4,
              seconds=round(seconds[rt], 3), all_seconds=[round(t, 3) for t in timers[rt].times],
              other_cpu=round(share.other, 3), **accuracy[rt])
-    best = min(seconds, key=seconds.get)
-    emit(f"fastest_{name}", 1 / seconds[best], "4K images/s", 1 / seconds["torch"], digits=4, runtime=best,
-         other_cpu=round(share.other, 3), target=">= 1.5", **accuracy[best])
+    # as the report's claims: the fastest runtime whose prediction stayed within the tolerance of eager fp32 (here
+    # the IoU of the two argmaxes on the 4K image: the models have random weights, so there is no truth to score)
+    kept = [rt for rt in seconds if accuracy[rt]["iou_vs_torch"] >= 1 - args.tolerance]
+    for label, pool in (("fastest", kept), ("fastest_any", list(seconds))):
+        best = min(pool, key=seconds.get)
+        emit(f"{label}_{name}", 1 / seconds[best], "4K images/s", 1 / seconds["torch"], digits=4, runtime=best,
+             other_cpu=round(share.other, 3), target=">= 1.5" if label == "fastest" else None, **accuracy[best])
 
 
 @torch.no_grad()
@@ -148,6 +153,8 @@ def main() -> None:
     p.add_argument("--runtimes", nargs="*", default=[],
                    help="also time these runtimes against eager fp32, e.g. onnxruntime openvino bf16 openvino-int8")
     p.add_argument("--calibration-tiles", type=int, default=16, help="int8: tiles of a second scene")
+    p.add_argument("--tolerance", type=float, default=0.005,
+                   help="fastest_: runtimes whose argmax IoU against eager is >= 1 - this")
     p.add_argument("--skip-reference", action="store_true", help="only the runtime lines")
     args = p.parse_args()
     torch.manual_seed(0)
