@@ -56,13 +56,11 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
-from common import emit
+from common import CpuShare, emit
 from timm.optim import param_groups_weight_decay
 
 from defectforge.config import load_config
@@ -77,48 +75,6 @@ from synth.generate import generate
 
 NUM_SAMPLES = 256
 NOISY = 0.05  # other processes above this share of the machine's CPU make a figure untrustworthy
-
-
-@dataclass
-class CpuShare:
-    """CPU used by this process tree and by the whole machine between `start()` and `stop()`."""
-
-    wall: float = 0.0
-    ours: float = 0.0
-    machine: float = 0.0
-
-    @staticmethod
-    def _ours() -> float:
-        me = psutil.Process()
-        t = me.cpu_times()  # children_*: workers already joined
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in me.children(recursive=True):  # workers still alive
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except psutil.Error:
-                pass
-        return total
-
-    @staticmethod
-    def _machine() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
-
-    def start(self) -> CpuShare:
-        self._t0, self._o0, self._m0 = time.perf_counter(), self._ours(), self._machine()
-        return self
-
-    def stop(self) -> CpuShare:
-        self.wall = time.perf_counter() - self._t0
-        self.ours = self._ours() - self._o0
-        self.machine = self._machine() - self._m0
-        return self
-
-    @property
-    def other(self) -> float:
-        """Share of the machine (all cores) used by other processes."""
-        return max(0.0, self.machine - self.ours) / max(1e-9, self.wall * (os.cpu_count() or 1))
 
 
 def set_threads(threads: int) -> None:

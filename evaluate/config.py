@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from defectforge.config import require
 
+from .runtimes import parse_runtime
 from .tiling import BLENDS
+
+
+def valid_runtime(name) -> bool:
+    try:
+        parse_runtime(name)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -19,6 +29,9 @@ class EvalConfig:
     tile_batch: int = 8
     accumulate: str = "device"  # device | host: where the stitched logits live
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    # each runtime is timed and its accuracy measured; eager torch is always measured too, as the reference
+    runtime: Any = "torch"  # one or a list of torch / compile / bf16 / onnxruntime[-fp16/-int8] / openvino[-...]
+    runtime_tolerance: float = 0.005  # mIoU change from eager fp32 within which a runtime counts for speed claims
     whole_image: bool = False  # also time each model on the whole 4K image at once, for comparison
     # data
     split: str | None = None  # null: test, else val, else the last split of each shard folder
@@ -53,7 +66,20 @@ class EvalConfig:
     wandb: bool = True
     wandb_project: str = "defectforge"
 
+    @property
+    def runtimes(self) -> list[str]:
+        """Every runtime to measure, eager torch first."""
+        names = [self.runtime] if isinstance(self.runtime, str) else list(self.runtime)
+        return ["torch", *[n for n in dict.fromkeys(names) if n != "torch"]]
+
     def validate(self) -> None:
+        require(isinstance(self.runtime, str) or (isinstance(self.runtime, list) and self.runtime), "runtime",
+                self.runtime, "a runtime name or a non-empty list of them")
+        for name in self.runtimes:
+            require(valid_runtime(name), "runtime", name, "torch, compile, bf16, or onnxruntime / openvino with an "
+                    "optional -fp16 or -int8 (e.g. onnxruntime-int8)")
+        require(0 <= self.runtime_tolerance < 1, "runtime_tolerance", self.runtime_tolerance,
+                "an mIoU change in [0, 1)")
         require(isinstance(self.tile_size, int) and 32 <= self.tile_size <= 8192, "tile_size", self.tile_size,
                 "an integer between 32 and 8192")
         require(0.0 <= self.overlap < 0.9, "overlap", self.overlap, "a fraction in [0, 0.9)")

@@ -116,11 +116,31 @@ class Timing:
 
 
 @dataclass
+class RuntimeResult:
+    """One model through one runtime (evaluate/runtimes.py): its timing and the accuracy it keeps."""
+    runtime: str
+    tiled: Timing | None = None
+    mIoU: float | None = None  # of the argmax over every evaluation image; the same formula as `eager_mIoU`
+    eager_mIoU: float | None = None  # eager PyTorch fp32, same formula, same images
+    miou_change: float | None = None  # mIoU - eager_mIoU
+    within_tolerance: bool = True  # |miou_change| <= runtime_tolerance
+    error: str | None = None  # why this runtime could not run (missing package or export), when it could not
+
+
+@dataclass
 class Cost:
     parameters: int
     gflops_per_tile: float
-    tiled: Timing
+    tiled: Timing  # eager PyTorch fp32 (runtime torch), always measured: the reference of every other runtime
     whole: dict[str, Any] | None = None  # timing of the whole image at once, or {"error": ...}
+    runtimes: dict[str, RuntimeResult] = field(default_factory=dict)  # every runtime measured, torch included
+    deployed: str = "torch"  # the fastest runtime whose mIoU stayed within runtime_tolerance of eager fp32
+
+    @property
+    def fastest(self) -> Timing:
+        """The timing the speed claims use: that of `deployed`."""
+        entry = self.runtimes.get(self.deployed)
+        return entry.tiled if entry is not None and entry.tiled is not None else self.tiled
 
 
 @dataclass

@@ -200,6 +200,29 @@ def _results_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> Non
                f"ODS F1 ({cfg.tolerance} px)", "OIS F1", "pixel AP", "image AP",
                "s / 4K image: median (IQR; min-max)", "tiles/s", "peak memory GB (+ median during inference)",
                "params (M)", "GFLOPs / tile", f"seam / other error, overlap 0 -> {cfg.overlap:.0%}"], rows)
+    _runtime_table(doc, results, cfg)
+
+
+def _runtime_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> None:
+    """One column per runtime measured: s / 4K image and the mIoU change from eager fp32."""
+    names = list(dict.fromkeys(n for r in results for n in r.cost.runtimes))
+    if len(names) <= 1:
+        return
+
+    def cell(r: ModelResult, name: str) -> str:
+        e = r.cost.runtimes.get(name)
+        if e is None or e.tiled is None:
+            return "n/a"
+        mark = "" if e.within_tolerance else " (outside tolerance)"
+        return f"{_fmt(e.tiled.seconds_per_image, 2)} s, {_fmt(1 / e.tiled.seconds_per_image, 2)} FPS, " \
+               f"mIoU {e.miou_change:+.4f}{mark}"
+
+    doc.heading("Speed per runtime")
+    doc.table(["run", *[f"{n}: s / 4K image, 4K FPS, mIoU change" for n in names], "fastest within tolerance"],
+              [[r.name, *[cell(r, n) for n in names], r.cost.deployed] for r in results])
+    doc.para(f"Each model through each runtime (docs/deploy.md), timed in alternation with the others. mIoU change: "
+             f"the runtime's argmax against eager PyTorch fp32 over every evaluation image. The speed claim uses each "
+             f"model's fastest runtime whose change stays within runtime_tolerance = {cfg.runtime_tolerance}.")
     doc.para(f"learned: a model whose defect mIoU is below learned_floor = {cfg.learned_floor:.3f}, or whose "
              "prediction is one class everywhere, did not learn; every claim that involves it is inconclusive.")
 
@@ -233,6 +256,9 @@ def _tradeoff_table(doc: Doc, results: list[ModelResult]) -> None:
     doc.table(["aspect", f"CNN ({cnn.name if cnn else 'none'})", f"ViT ({vit.name if vit else 'none'})"], [
         ["4K inference speed (s / image, median)", col(cnn, lambda r: _fmt(_speed(r), 2)),
          col(vit, lambda r: _fmt(_speed(r), 2))],
+        ["4K frames per second (fastest runtime within tolerance)",
+         col(cnn, lambda r: f"{_fmt(1 / r.cost.fastest.seconds_per_image, 2)} ({r.cost.deployed})"),
+         col(vit, lambda r: f"{_fmt(1 / r.cost.fastest.seconds_per_image, 2)} ({r.cost.deployed})")],
         ["memory during tiled 4K inference (GB)", col(cnn, lambda r: _fmt(_mem(r), 2)),
          col(vit, lambda r: _fmt(_mem(r), 2))],
         ["pixel accuracy (mIoU)", col(cnn, lambda r: _fmt(_miou(r))), col(vit, lambda r: _fmt(_miou(r)))],

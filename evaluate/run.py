@@ -21,9 +21,11 @@ from pretrain.segmenter import load_segmenter
 from .claims import decide_claims
 from .config import EvalConfig
 from .cost import gflops, parameters, time_inference, time_interleaved
+from .export import confusion, miou
 from .interpret import interpret_model
 from .metrics import EvalMetrics, seam_counts, seam_summary
-from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, judge_learned
+from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, RuntimeResult, judge_learned
+from .runtimes import EXPORTED, find_export, load_runtime, parse_runtime, require_package
 from .tiling import seam_mask, tile_grid, tiled_logits
 
 log = logging.getLogger("evaluate")
@@ -124,6 +126,13 @@ class Loaded:
     mean: torch.Tensor
     std: torch.Tensor
     result: ModelResult
+    runtimes: dict = dataclasses.field(default_factory=dict)  # runtime name -> callable (torch: the model)
+    accuracy: dict = dataclasses.field(default_factory=dict)  # runtime name -> (mIoU, eager mIoU)
+
+    def __post_init__(self) -> None:
+        if not self.runtimes:  # eager PyTorch only
+            self.runtimes = {"torch": self.model}
+            self.accuracy = {"torch": (float("nan"), float("nan"))}
 
 
 def _load(run_dir: Path, classes: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, torch.Tensor,
@@ -146,12 +155,14 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     metrics = EvalMetrics(classes, tolerance=cfg.tolerance, thresholds=cfg.thresholds)
     no_overlap, tiled_images = torch.zeros(4, dtype=torch.float64), 0
     predictions: dict[str, np.ndarray] = {}
+    eager = torch.zeros(len(classes), len(classes), dtype=torch.long)  # argmax confusion, for the runtimes' change
     tiling = dict(tile=cfg.tile_size, blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
     for sample in tqdm(images, desc=run_dir.name, disable=not progress):
         x = _prepare(sample["image"], mean, std, device)
         h, w = x.shape[-2:]
         probs = tiled_logits(model, x, overlap=cfg.overlap, **tiling).softmax(1)
         tiled = len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1
+        eager += confusion(probs[0].argmax(0).cpu(), sample["mask"], len(classes))
         metrics.update(probs, sample["mask"], seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band)
                        if tiled else None)
         if tiled and cfg.overlap > 0:  # the same model without overlap: only the seam metric, only tiled images
@@ -171,7 +182,34 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
                                                         cfg.interpret_images)
     log.info("%s: mIoU %.4f, defect mIoU %.4f%s", run_dir.name, accuracy.mIoU, accuracy.defect_mIoU,
              "" if result.learned.learned else f" - did not learn ({result.learned.reason})")
-    return Loaded(model, mean, std, result), {"predictions": predictions, "maps": maps}
+    loaded = Loaded(model, mean, std, result, {"torch": model}, {"torch": (miou(eager), miou(eager))})
+    for name in cfg.runtimes[1:]:
+        loaded.runtimes[name] = load_runtime(model, run_dir, name, cfg.tile_size)
+        loaded.accuracy[name] = (runtime_miou(loaded.runtimes[name], images, classes, cfg, mean, std, device,
+                                              tiling), miou(eager))
+        log.info("%s through %s: mIoU %.4f (eager %.4f, same formula)", run_dir.name, name, *loaded.accuracy[name])
+    return loaded, {"predictions": predictions, "maps": maps}
+
+
+def runtime_miou(runner, images: list[dict], classes: list[str], cfg: EvalConfig, mean: torch.Tensor,
+                 std: torch.Tensor, device: torch.device, tiling: dict) -> float:
+    """mIoU of the argmax of `runner` tiled over every evaluation image (the formula of `export.miou`)."""
+    conf = torch.zeros(len(classes), len(classes), dtype=torch.long)
+    for sample in images:
+        x = _prepare(sample["image"], mean, std, device)
+        logits = tiled_logits(runner, x, overlap=cfg.overlap, **tiling)
+        conf += confusion(logits[0].argmax(0).cpu(), sample["mask"], len(classes))
+    return miou(conf)
+
+
+def check_runtimes(runs: list[Path], cfg: EvalConfig) -> None:
+    """Before any work: every runtime asked for is installed and every exported model it needs exists."""
+    for name in cfg.runtimes[1:]:
+        base, dtype = parse_runtime(name)
+        if base in EXPORTED:
+            require_package(base, f"runtime={name}")
+            for run in runs:
+                find_export(run, EXPORTED[base], dtype, cfg.tile_size)
 
 
 def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, device: torch.device) -> None:
@@ -180,20 +218,28 @@ def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, devic
     accumulate = "cpu" if cfg.accumulate == "host" else device
     inputs = {m.result.name: _prepare(image, m.mean, m.std, device) for m in loaded}
 
-    def runner(m: Loaded):
-        return lambda: tiled_logits(m.model, inputs[m.result.name], tile=cfg.tile_size, overlap=cfg.overlap,
+    def runner(m: Loaded, name: str):
+        return lambda: tiled_logits(m.runtimes[name], inputs[m.result.name], tile=cfg.tile_size, overlap=cfg.overlap,
                                     blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
 
-    timers = time_interleaved({m.result.name: runner(m) for m in loaded}, device, repeats=cfg.repeats,
-                              warmup=cfg.warmup)
+    timers = time_interleaved({(m.result.name, r): runner(m, r) for m in loaded for r in m.runtimes}, device,
+                              repeats=cfg.repeats, warmup=cfg.warmup)
     h, w = image.shape[-2:]
     tiles = len(tile_grid(h, w, cfg.tile_size, cfg.overlap))
     where = f"{source}; {len(loaded)} model(s) timed in alternation, {cfg.warmup} warm-up round(s), " \
             f"{cfg.repeats} timed round(s)"
     for m in loaded:
-        timing = timers[m.result.name].summary(tiles, (h, w), where)
+        timing = timers[(m.result.name, "torch")].summary(tiles, (h, w), where)
         m.result.cost = Cost(parameters=parameters(m.model), gflops_per_tile=gflops(m.model, cfg.tile_size, device),
                              tiled=timing)
+        for name in m.runtimes:
+            value, eager = m.accuracy[name]
+            change = value - eager
+            m.result.cost.runtimes[name] = RuntimeResult(
+                name, timers[(m.result.name, name)].summary(tiles, (h, w), where), value, eager, change,
+                bool(abs(change) <= cfg.runtime_tolerance or name == "torch"))
+        kept = [r for r in m.result.cost.runtimes.values() if r.within_tolerance]
+        m.result.cost.deployed = min(kept, key=lambda r: r.tiled.seconds_per_image).runtime
         if cfg.whole_image:
             m.result.cost.whole = _time_whole(m.model, inputs[m.result.name], cfg)
         log.info("%s: %s s per %dx%d image (median of %d, IQR %.2f-%.2f)", m.result.name,
@@ -233,6 +279,7 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     for run in runs:
         if not (run / "model_config.json").is_file():
             raise FileNotFoundError(f"{run} is not a finetune run (no model_config.json; did it reach max_steps?)")
+    check_runtimes(runs, cfg)
     out = claim_output(out, "report")  # before the work: a folder of the user's files or an unwritable one fails now
     (out / SKIP_RECORD).unlink(missing_ok=True)  # this evaluation's list of skipped samples, not an earlier one's
     allow_damaged(cfg.allow_damaged, record=out / SKIP_RECORD)
