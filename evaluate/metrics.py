@@ -117,6 +117,26 @@ def seam_summary(counts: torch.Tensor) -> tuple[float | None, float | None, floa
     return seam_err, other_err, ratio
 
 
+def accuracy_by_source(image_confusion: list, image_sources: list[str], classes: list[str]) -> dict[str, dict]:
+    """mIoU, defect mIoU and per-class IoU of each evaluation source (a shard folder) from the per-image confusion
+    matrices, pooled within the source only: a 4K scene's millions of pixels then do not decide the figure of a
+    validation split of small images (or the reverse)."""
+    out: dict[str, dict] = {}
+    for source in dict.fromkeys(image_sources):
+        rows = [c for c, s in zip(image_confusion, image_sources, strict=True) if s == source]
+        conf = np.asarray(rows, dtype=np.int64).sum(0)
+        tp = np.diagonal(conf)
+        union = conf.sum(0) + conf.sum(1) - tp
+        iou = [float(tp[k] / union[k]) if union[k] > 0 else None for k in range(len(classes))]
+        present = [v for v in iou if v is not None]
+        defect = [v for v in iou[1:] if v is not None]
+        out[source] = {"images": len(rows), "pixels": int(conf.sum()),
+                       "mIoU": sum(present) / len(present) if present else math.nan,
+                       "defect_mIoU": sum(defect) / len(defect) if defect else math.nan,
+                       "IoU": dict(zip(classes, iou, strict=True))}
+    return out
+
+
 def miou_from_confusion(confusion: np.ndarray) -> np.ndarray:
     """mIoU of confusion matrices (..., C, C) as `pretrain.metrics.SegMetrics` computes it: the mean IoU over
     the classes present in the truth or the prediction (NaN where none is)."""

@@ -76,6 +76,8 @@ class Accuracy:
     non_seam_error_no_overlap: float | None = None
     seam_ratio_no_overlap: float | None = None
     seam_images: int = 0
+    # source (shard folder) -> {images, pixels, mIoU, defect_mIoU, IoU: {class: value}}, pooled per source
+    by_source: dict = field(default_factory=dict)
 
 
 @dataclass

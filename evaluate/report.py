@@ -200,7 +200,24 @@ def _results_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> Non
                f"ODS F1 ({cfg.tolerance} px)", "OIS F1", "pixel AP", "image AP",
                "s / 4K image: median (IQR; min-max)", "tiles/s", "peak memory GB (+ median during inference)",
                "params (M)", "GFLOPs / tile", f"seam / other error, overlap 0 -> {cfg.overlap:.0%}"], rows)
+    _source_table(doc, results)
     _runtime_table(doc, results, cfg)
+
+
+def _source_table(doc: Doc, results: list[ModelResult]) -> None:
+    """The accuracy of each evaluation source on its own (the table above pools every pixel, so the largest
+    images weigh most): one row per run and source."""
+    sources = list(dict.fromkeys(s for r in results for s in r.metrics.by_source))
+    if len(sources) <= 1:
+        return
+    classes = list(next(iter(results[0].metrics.by_source.values()))["IoU"])[1:]
+    rows = [[r.name, s, str(v["images"]), f"{v['pixels'] / 1e6:.2f}", _fmt(v["mIoU"]), _fmt(v["defect_mIoU"]),
+             *[_fmt(v["IoU"][c]) for c in classes]]
+            for r in results for s, v in r.metrics.by_source.items()]
+    doc.para("Accuracy per evaluation source: the table above pools every pixel of every image, so the largest "
+             "images (a 4K scene) weigh most; here each source is pooled on its own.")
+    doc.table(["run", "evaluation source", "images", "pixels (M)", "mIoU", "defect mIoU",
+               *[f"IoU {c}" for c in classes]], rows)
 
 
 def _runtime_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> None:

@@ -23,7 +23,7 @@ from .config import EvalConfig
 from .cost import gflops, parameters, time_inference, time_interleaved
 from .export import confusion, miou
 from .interpret import interpret_model
-from .metrics import EvalMetrics, seam_counts, seam_summary
+from .metrics import EvalMetrics, accuracy_by_source, seam_counts, seam_summary
 from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, RuntimeResult, judge_learned
 from .runtimes import EXPORTED, find_export, load_runtime, parse_runtime, require_package
 from .tiling import seam_mask, tile_grid, tiled_logits
@@ -174,6 +174,8 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     accuracy.seam_error_no_overlap, accuracy.non_seam_error_no_overlap, accuracy.seam_ratio_no_overlap = \
         seam_summary(no_overlap)
     accuracy.seam_images = tiled_images
+    accuracy.by_source = accuracy_by_source(accuracy.image_confusion, [i["key"].split("/", 1)[0] for i in images],
+                                            classes)
     result = ModelResult(card=describe(run_dir, mcfg), metrics=accuracy,
                          learned=judge_learned(accuracy, cfg.learned_floor))
     maps: list = []

@@ -151,12 +151,15 @@ def summary(report_html: Path) -> list[str]:
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
-    lines = ["models (defect mIoU, mIoU, learned):"]
+    lines = ["models (defect mIoU, mIoU, learned; then the same per evaluation source):"]
     for r in data.get("results", []):
         m = r.get("metrics") or {}
         learned = "yes" if r.get("learned") else f"did not learn ({r.get('learned_reason')})"
+        per_source = "".join(f"; {name} {v['defect_mIoU']:.3f}, {v['mIoU']:.3f}"
+                             for name, v in (m.get("by_source") or {}).items()) if len(m.get("by_source") or {}) > 1 \
+            else ""
         lines.append(f"  {r['name']}: {m.get('defect_mIoU', float('nan')):.3f}, {m.get('mIoU', float('nan')):.3f}, "
-                     f"{learned}")
+                     f"{learned}{per_source}")
     lines.append("claims:")
     for c in data.get("claims", []):
         lines.append(f"  {c['claim']}: {c['verdict']} ({c['evidence']})")

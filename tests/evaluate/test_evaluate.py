@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluate.__main__ import main
-from evaluate.metrics import EvalMetrics, miou_difference, miou_from_confusion
+from evaluate.metrics import EvalMetrics, accuracy_by_source, miou_difference, miou_from_confusion
 from evaluate.run import _prepare
 from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
 
@@ -94,6 +94,24 @@ def test_per_image_confusions_sum_to_the_dataset_confusion():
     assert per_image.shape == (3, 3, 3) and (per_image.sum((1, 2)) == 99).all()
     np.testing.assert_array_equal(per_image.sum(0), m.seg.confusion.numpy())
     assert miou_from_confusion(per_image.sum(0)) == pytest.approx(out["mIoU"])
+
+
+def test_accuracy_per_source_pools_each_source_on_its_own():
+    """A large image that is all wrong must not hide a small source that is all right (and one source = the whole)."""
+    classes = ["background", "crack"]
+    small = [[[90, 0], [0, 10]]] * 2  # perfect
+    big = [[[0, 9000], [1000, 0]]]  # every pixel wrong
+    out = accuracy_by_source(small + big, ["val", "val", "4k"], classes)
+    assert out["val"] == {"images": 2, "pixels": 200, "mIoU": 1.0, "defect_mIoU": 1.0,
+                          "IoU": {"background": 1.0, "crack": 1.0}}
+    assert out["4k"]["defect_mIoU"] == 0.0 and out["4k"]["images"] == 1
+    m = EvalMetrics(classes, tolerance=0, thresholds=4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        m.update(torch.rand(1, 2, 9, 11, generator=g), torch.randint(0, 2, (9, 11), generator=g))
+    whole = m.compute()
+    one = accuracy_by_source(whole["image_confusion"], ["a"] * 3, classes)["a"]
+    assert one["mIoU"] == pytest.approx(whole["mIoU"]) and one["defect_mIoU"] == pytest.approx(whole["defect_mIoU"])
 
 
 def _confusions(accuracy: list[float], pixels: int = 400) -> list:

@@ -78,6 +78,7 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
         assert section in md, section
     assert "vit-pre-nall-s0" in md and "cnn-nall-s0" in md
     assert "Synthetic pretraining (with CutMix) makes ViTs viable" in md
+    assert "Accuracy per evaluation source" in md
     assert "Diffusion-generated data improves synthetic pretraining" in md
     assert (tmp_path / "study/diffusion/pipeline/model_index.json").is_file()
     diff_info = json.loads((tmp_path / "study/data/diffusion/_info.json").read_text())
@@ -96,6 +97,10 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
         assert r["metrics"]["seam_images"] == 2 and r["metrics"]["seam_ratio_no_overlap"] is not None
         assert {"seconds_q1", "seconds_q3", "seconds_min", "seconds_max"} <= set(r["cost"]["tiled"])
         assert isinstance(r["learned"], bool) and r["learned_reason"]
+        # accuracy of each evaluation source on its own: the target's split and the 4K scenes
+        by_source = r["metrics"]["by_source"]
+        assert set(by_source) == {"target", "test_4k"} and by_source["test_4k"]["images"] == 2
+        assert by_source["target"]["images"] + 2 == r["metrics"]["images"]
     assert [c["claim"] for c in results["claims"]][:2] == ["CNNs are faster on 4K images (claimed 0.3 vs 2.1 s)",
                                                            "CNNs need less memory at 4K (claimed 8 vs 24 GB)"]
     # what the console shows at the end: every model's accuracy and every claim with its verdict and evidence
