@@ -86,17 +86,24 @@ def validate(accelerator: Accelerator, model: torch.nn.Module, loader, normalize
     return result
 
 
-def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, dict]:
+def _backbone(cfg: PretrainConfig, classes: list[str], num_classes: int) -> tuple[torch.nn.Module, dict]:
+    """The timm backbone of `cfg` (random, `weights`, or its published weights with `pretrained`) and the config
+    its saved weights are rebuilt from, with the weights' normalisation and their record."""
     hub = fetch_pretrained(resolve_model_name(cfg.model)) if cfg.pretrained else None
-    backbone = create_backbone(cfg.model, num_classes=len(classes) - 1, img_size=cfg.crop_size,
+    backbone = create_backbone(cfg.model, num_classes=num_classes, img_size=cfg.crop_size,
                                global_pool=cfg.global_pool, weights=cfg.weights, drop_path_rate=cfg.drop_path_rate,
                                skip_head=True, hub=hub, **cfg.model_kwargs)
     # the normalisation of the weights' pretrained config (timm's default config of the name without weights)
     data_cfg = hub.record if hub is not None else resolve_data_config({}, model=backbone)
-    mcfg = model_config(cfg.model, num_classes=len(classes) - 1, classes=classes, img_size=cfg.crop_size,
+    mcfg = model_config(cfg.model, num_classes=num_classes, classes=classes, img_size=cfg.crop_size,
                         global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
                         std=data_cfg["std"])
     mcfg["weights"] = hub.record if hub is not None else file_record(cfg.weights) if cfg.weights else None
+    return backbone, mcfg
+
+
+def build_model(cfg: PretrainConfig, classes: list[str]) -> tuple[PretrainNet, dict]:
+    backbone, mcfg = _backbone(cfg, classes, len(classes) - 1)
     return PretrainNet(backbone, len(classes) - 1, dense_head=cfg.dense_head), mcfg
 
 
@@ -213,23 +220,14 @@ class SegPretrainTask(PretrainTask):
 
 
 def build_mae(cfg: PretrainConfig, classes: list[str]) -> tuple[MaskedAutoencoder, dict]:
-    """The timm encoder (no classifier; random, `weights`, or its published weights with `pretrained`) inside the
-    MAE network, and the config its saved encoder is rebuilt from."""
-    hub = fetch_pretrained(resolve_model_name(cfg.model)) if cfg.pretrained else None
-    backbone = create_backbone(cfg.model, num_classes=0, img_size=cfg.crop_size, global_pool=cfg.global_pool,
-                               weights=cfg.weights, drop_path_rate=cfg.drop_path_rate, skip_head=True, hub=hub,
-                               **cfg.model_kwargs)
+    """The timm encoder (no classifier) inside the MAE network, and the config its saved encoder is rebuilt from."""
+    backbone, mcfg = _backbone(cfg, classes, 0)
     net = MaskedAutoencoder(backbone, mask_ratio=cfg.mae_mask_ratio, decoder_dim=cfg.mae_decoder_dim,
                             decoder_depth=cfg.mae_decoder_depth)
     if cfg.crop_size % net.stride:
         raise ConfigError(f"key 'crop_size': {cfg.crop_size} is not a multiple of {cfg.model}'s token stride "
                           f"{net.stride} (objective mae reconstructs whole patches)")
-    data_cfg = hub.record if hub is not None else resolve_data_config({}, model=backbone)
-    mcfg = model_config(cfg.model, num_classes=0, classes=classes, img_size=cfg.crop_size,
-                        global_pool=cfg.global_pool, kwargs=dict(cfg.model_kwargs), mean=data_cfg["mean"],
-                        std=data_cfg["std"])
     mcfg["objective"] = "mae"
-    mcfg["weights"] = hub.record if hub is not None else file_record(cfg.weights) if cfg.weights else None
     return net, mcfg
 
 
