@@ -126,9 +126,10 @@ def parity(model: torch.nn.Module, exported: ExportedModel, tiles: list[tuple[to
     """The exported model against the eager one on the same tiles."""
     k = num_classes
     agree, truth_eager, truth_exported = (torch.zeros(k, k, dtype=torch.long) for _ in range(3))
-    max_diff, total_diff, values = 0.0, 0.0, 0
+    max_diff, total_diff, values, padded = 0.0, 0.0, 0, 0
     for x, mask in tiles:
         ref, out = model(x), exported(x)
+        padded += int(x.shape[-2] != exported.tile or x.shape[-1] != exported.tile)
         diff = (ref - out).abs()
         max_diff, total_diff, values = max(max_diff, float(diff.max())), total_diff + float(diff.sum()), \
             values + diff.numel()
@@ -137,7 +138,8 @@ def parity(model: torch.nn.Module, exported: ExportedModel, tiles: list[tuple[to
         truth_eager += confusion(p_ref, mask, k)
         truth_exported += confusion(p_out, mask, k)
     miou_eager, miou_exported = miou(truth_eager), miou(truth_exported)
-    return {"tiles": len(tiles), "max_abs_logit_diff": max_diff, "mean_abs_logit_diff": total_diff / max(values, 1),
+    return {"tiles": len(tiles), "padded_tiles": padded, "max_abs_logit_diff": max_diff,
+            "mean_abs_logit_diff": total_diff / max(values, 1),
             "iou_vs_torch": miou(agree), "pixel_agreement": float(agree.diag().sum() / agree.sum()),
             "miou_torch": miou_eager, "miou_exported": miou_exported, "miou_change": miou_exported - miou_eager}
 
@@ -218,4 +220,10 @@ def export_model(run_dir: str | Path, fmt: str, *, shards: str, tile: int = 512,
     log.info("%s -> %s: max |logit diff| %.2e, IoU vs torch %.4f, mIoU %.4f -> %.4f (%+.4f) on %d tiles", run_dir,
              final, p["max_abs_logit_diff"], p["iou_vs_torch"], p["miou_torch"], p["miou_exported"],
              p["miou_change"], p["tiles"])
+    if p["padded_tiles"]:
+        log.warning("%d of %d parity tiles came from images smaller than the %d px tile and were padded to it: the "
+                    "exported model sees the padding, the eager one does not (a ViT attends to it: on 256 px images "
+                    "a 512 px export of a trained ViT-Tiny agreed with eager at IoU 0.53). For images that small, "
+                    "export with --tile at most their side and evaluate with the same tile_size", p["padded_tiles"],
+                    p["tiles"], tile)
     return final

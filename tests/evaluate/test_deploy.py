@@ -62,6 +62,7 @@ def test_onnx_export_matches_the_pytorch_model_on_real_tiles(kind, runs, shards)
     p = info["parity"]
     assert p["tiles"] == 4 and p["max_abs_logit_diff"] < 1e-3 and p["iou_vs_torch"] > 0.99
     assert abs(p["miou_change"]) < 0.01 and info["tile"] == TILE and info["format"] == "onnx"
+    assert p["padded_tiles"] == 0  # 64x96 images cut into 64 px tiles: none smaller than the export
     # the runtime in tiled inference: dynamic batch, an image larger than a tile, same logits as eager
     from pretrain.segmenter import load_segmenter
 
@@ -100,6 +101,18 @@ def test_runtime_names_and_missing_exports_fail_naming_what_is_expected(runs, ca
         load_runtime(torch.nn.Identity(), runs["vit"], "openvino-fp16", 512)
 
 
+def test_export_warns_when_parity_tiles_were_padded_to_the_tile(runs, shards, caplog):
+    """Images smaller than the export tile are padded by the exported model and not by the eager one."""
+    pytest.importorskip("onnxruntime", reason="the deploy extra (onnxruntime) is not installed")
+    pytest.importorskip("onnx", reason="the deploy extra (onnx) is not installed")
+    with caplog.at_level(logging.WARNING):
+        assert main(["export", "--model", str(runs["cnn"]), "--format", "onnx", "--shards", str(shards), "--tile",
+                     "128", "--parity-tiles", "2"]) == 0
+    info = json.loads((runs["cnn"] / "exported" / "onnx-fp32-128" / "export.json").read_text())
+    assert info["parity"]["padded_tiles"] == 2
+    assert "2 of 2 parity tiles came from images smaller than the 128 px tile" in caplog.text
+
+
 def test_export_errors_name_the_run_and_the_tile(runs, shards, tmp_path, caplog):
     caplog.set_level(logging.ERROR)
     assert main(["export", "--model", str(tmp_path), "--format", "onnx", "--shards", str(shards)]) == 2
@@ -109,12 +122,28 @@ def test_export_errors_name_the_run_and_the_tile(runs, shards, tmp_path, caplog)
     assert "not a multiple of" in caplog.text
 
 
-def test_bf16_and_compile_runtimes_run_the_eager_model():
+def test_bf16_runtime_runs_the_eager_model_under_autocast():
     model = torch.nn.Conv2d(3, 2, 1).eval()
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         out = load_runtime(model, "unused", "bf16", 16)(x)
     assert out.dtype == torch.float32 and (out - model(x)).abs().max() < 0.05
+
+
+def test_compile_runtime_compiles_and_matches_eager_in_tiled_inference():
+    """`runtime=compile`: torch.compile (inductor) of the eager model, the same stitched logits. A small conv net
+    keeps the compilation to seconds; bigger models compile the same way, only slower (docs/deploy.md)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 3, 1)).eval()
+    runner = load_runtime(model, "unused", "compile", 32)
+    assert isinstance(runner, torch._dynamo.eval_frame.OptimizedModule)
+    x = torch.rand(1, 3, 48, 80)
+    with torch.no_grad():
+        eager = tiled_logits(model, x, tile=32, overlap=0.25, blend="gaussian", batch=8)
+        compiled = tiled_logits(runner, x, tile=32, overlap=0.25, blend="gaussian", batch=8)
+    assert compiled.shape == eager.shape == (1, 3, 48, 80)
+    assert (compiled - eager).abs().max() < 1e-4
 
 
 def test_evaluate_run_measures_each_runtime_and_the_claims_use_the_fastest_within_tolerance(runs, shards, tmp_path):
