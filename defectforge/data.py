@@ -8,6 +8,8 @@ checkpoint at an epoch boundary sees the same batches as a run that was never in
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import zlib
 from collections.abc import Iterator
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from webdataset.utils import pytorch_worker_info
 
-from defectforge.reader import make_dataset
+from defectforge.reader import make_dataset, repeat_factors
+
+log = logging.getLogger(__name__)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -92,14 +96,15 @@ def epoch_batches(steps: int, grad_accum: int) -> int:
 
 def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, batches: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None,
-                 keys: list[str] | None = None, defect_crop: float = 0.0) -> DataLoader:
+                 keys: list[str] | None = None, defect_crop: float = 0.0, repeat_threshold: float = 0.0) -> DataLoader:
     """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
 
     Its images and masks are uint8 (`make_dataset(compact=True)`): move them with `to_device`.
 
     Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
     per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset;
-    `defect_crop` is the share of crops placed on a defect (`SquareCrop`).
+    `defect_crop` is the share of crops placed on a defect (`SquareCrop`); `repeat_threshold` > 0 shows the images
+    of rare classes more often (`defectforge.reader.repeat_factors`), within the same number of batches.
     """
     readers = max(1, num_workers)
     per_reader = math.ceil(batches / readers)
@@ -108,11 +113,28 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
                            shuffle=shuffle_buffer, seed=s, classes=probe.classes,
                            transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s, defect_crop=defect_crop),
-                           keys=keys, compact=True)
+                           keys=keys, compact=True, repeats=class_repeats(shards, split, repeat_threshold, keys))
     generator = torch.Generator().manual_seed(s)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
                       collate_fn=collate, drop_last=False, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
+
+
+@functools.lru_cache(maxsize=8)
+def _class_repeats(shards: str, split: str, threshold: float, keys: tuple[str, ...] | None) -> dict[str, float]:
+    repeats = repeat_factors(shards, split, threshold, keys)
+    if repeats:
+        factors = np.array(list(repeats.values()))
+        log.info("repeat_threshold=%s: %d of %d training images repeated (factor up to %.2f), %.2fx the images per "
+                 "pass", threshold, int((factors > 1).sum()), factors.size, factors.max(), factors.mean())
+    return repeats
+
+
+def class_repeats(shards: str, split: str, threshold: float, keys: list[str] | None = None) -> dict[str, float] | None:
+    """The repeat factors of `split` for `repeat_threshold` (None when it is 0), computed once per process."""
+    if not threshold:
+        return None
+    return _class_repeats(str(shards), split, float(threshold), tuple(keys) if keys is not None else None)
 
 
 def merged_classes(shards: list[str]) -> tuple[list[str], list[list[str]]]:

@@ -50,6 +50,8 @@ def validate_training_keys(cfg) -> None:
             "an integer between 16 and 4096")
     require(isinstance(cfg.defect_crop, int | float) and 0 <= cfg.defect_crop <= 1, "defect_crop", cfg.defect_crop,
             "a probability in [0, 1]")
+    require(isinstance(cfg.repeat_threshold, int | float) and 0 <= cfg.repeat_threshold <= 1, "repeat_threshold",
+            cfg.repeat_threshold, "a number in [0, 1] (0 = every image once per pass)")
     require(0 < cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in (0, 1)")
     require(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume,
             "null, 'latest' or a checkpoint folder")
@@ -65,6 +67,7 @@ class TrainingKeys(AugmentConfig):
 
     crop_size: int = 224  # side of the square training crops the loader cuts (and the augmentation returns)
     defect_crop: float = 0.0  # share of the training crops placed on a defect pixel (defectforge/data.py)
+    repeat_threshold: float = 0.0  # > 0: images of rare classes shown more often (docs/finetune.md, Data)
     # optimisation (defectforge/loop.py)
     batch_size: int = 32  # per process
     grad_accum: int = 1

@@ -171,7 +171,7 @@ class FinetuneTask(Task):
                       num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, epoch=epoch,
                       defect_crop=cfg.defect_crop)
         target = train_loader(self.shards, cfg.train_split, batch_size=cfg.batch_size - k, seed=cfg.seed,
-                              classes=self.classes, keys=self.subset, **common)
+                              classes=self.classes, keys=self.subset, repeat_threshold=cfg.repeat_threshold, **common)
         if not k:
             return target
         synthetic = train_loader(cfg.synthetic_shards, cfg.train_split, batch_size=k, seed=cfg.seed + 7919,

@@ -143,7 +143,7 @@ class PretrainTask(Task):
         return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                             batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
-                            defect_crop=cfg.defect_crop)
+                            defect_crop=cfg.defect_crop, repeat_threshold=cfg.repeat_threshold)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         return pretrain_losses(run, model, batch, self.aug, self.mix, self.normalize, self.cfg, self.classes,
@@ -278,7 +278,7 @@ class MAEPretrainTask(PretrainTask):
         return folders_in_turn(self.folders, self.per_folder, cfg.train_split, img_size=cfg.crop_size,
                                batch_size=cfg.batch_size, batches=batches, world_size=run.accelerator.num_processes,
                                num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                               epoch=epoch)
+                               epoch=epoch, repeat_threshold=cfg.repeat_threshold)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         images, masks = to_device(batch, run.accelerator.device)

@@ -211,7 +211,7 @@ class DiffusionTask(Task):
         return folders_in_turn(self.shards, self.per_folder, cfg.train_split, img_size=cfg.crop_size,
                                batch_size=cfg.batch_size, batches=batches, world_size=run.accelerator.num_processes,
                                num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                               epoch=epoch, defect_crop=cfg.defect_crop)
+                               epoch=epoch, defect_crop=cfg.defect_crop, repeat_threshold=cfg.repeat_threshold)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         images, masks = to_device(batch, run.accelerator.device)
