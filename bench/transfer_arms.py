@@ -25,6 +25,7 @@ an interrupted run continues. `--jobs 2` runs two commands at a time, each on `-
 
 Usage: python bench/transfer_arms.py [--data ../shared/data/crackforest] [--out runs/arms] [--seeds 0 1 2]
        [--models vit_tiny resnet18] [--arms scratch cls ...] [--jobs 2 --threads 1] [--steps 300]
+       [--class-weights auto]
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class Arms:
                     cmd = [self.py, "-m", "finetune", "--config", "configs/finetune/quickstart.yaml", "--shards",
                            str(self.out / "data" / "real"), "--out", str(folder), "--no-progress", *MODELS[m],
                            f"crop_size={self.args.crop}", f"max_steps={self.args.steps}", f"seed={seed}",
-                           f"val_every={self.args.steps}", f"checkpoint_every={self.args.steps}", *extra]
+                           f"val_every={self.args.steps}", f"checkpoint_every={self.args.steps}",
+                           f"class_weights={self.args.class_weights}", *extra]
                     jobs.append((f"finetune_{m}-{a}-s{seed}", cmd, folder / "model_config.json"))
                     runs.append((m, a, seed, folder))
         self.parallel([j for j in jobs if "-mae_seg-" not in j[0]])
@@ -200,6 +202,9 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (crackforest_cpu.yaml: 300)")
     p.add_argument("--crop", type=int, default=192, help="fine-tuning crop (crackforest_cpu.yaml: 192)")
+    p.add_argument("--class-weights", default="auto", choices=["auto", "null"],
+                   help="fine-tuning class_weights: the arms table was measured with auto (the quickstart default "
+                        "until 2026-12-05; crackforest_cpu.yaml now uses null, chosen afterwards on val)")
     p.add_argument("--pretrain-steps", type=int, default=400, help="crackforest_cpu.yaml: 400")
     p.add_argument("--synth-samples", type=int, default=640, help="crackforest_cpu.yaml: 640")
     p.add_argument("--jobs", type=int, default=2)
