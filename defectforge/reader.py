@@ -427,7 +427,8 @@ class _CyclicSource(torch.utils.data.IterableDataset):
                 if by_shard or position % readers == reader:
                     r = self.repeats.get(sample.get("__key__"), 1.0)
                     copies = int(r) + (coin.random() < r - int(r)) if r > 1.0 else 1
-                    for _ in range(copies):
+                    yield sample
+                    for _ in range(copies - 1):  # the extra copies of a repeated sample, each its own dict
                         yield dict(sample)
                 position += 1
             barren = set() if found else barren | {url}
