@@ -48,6 +48,9 @@ MODELS = {"vit_tiny": [], "resnet18": ["model=resnet18", "architecture=Unet"]}
 # the synthetic data of crackforest_cpu.yaml (mostly cracks on concrete and asphalt)
 DEFECTS = "defects={crack: 1.0, scratch: 0.5, pit: 0.3, stain: 0.3, chip: 0.2}"
 SURFACES = "surfaces={concrete: 1.0, asphalt: 2.0, ceramic: 0.5, metal: 0.5}"
+# the crops the arms table was measured with (random resized crops, half on a defect); the quickstart configs
+# have since moved to crops at the images' own scale, 0.8 on a defect (docs/finetune.md, "The quickstart recipe")
+RECIPE_AS_MEASURED = ["resized_crop=true", "defect_crop=0.5"]
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -106,7 +109,8 @@ class Arms:
         extra = [f"weights={self.out / 'pretrain' / f'{model}-mae'}"] if arm == "mae_seg" else []
         cmd = [self.py, "-m", "pretrain", "--config", "configs/pretrain/quickstart.yaml", "--shards", str(data),
                "--out", str(folder), "--no-progress", f"objective={objective}", *MODELS[model],
-               f"max_steps={self.args.pretrain_steps}", "val_every=200", "checkpoint_every=200", *extra]
+               f"max_steps={self.args.pretrain_steps}", "val_every=200", "checkpoint_every=200", "resized_crop=true",
+               *extra]
         return f"pretrain_{model}-{arm}", cmd, folder / "model.safetensors"
 
     def arms_of(self, model: str) -> list[str]:
@@ -135,7 +139,7 @@ class Arms:
                            str(self.out / "data" / "real"), "--out", str(folder), "--no-progress", *MODELS[m],
                            f"crop_size={self.args.crop}", f"max_steps={self.args.steps}", f"seed={seed}",
                            f"val_every={self.args.steps}", f"checkpoint_every={self.args.steps}",
-                           f"class_weights={self.args.class_weights}", *extra]
+                           f"class_weights={self.args.class_weights}", *RECIPE_AS_MEASURED, *extra]
                     jobs.append((f"finetune_{m}-{a}-s{seed}", cmd, folder / "model_config.json"))
                     runs.append((m, a, seed, folder))
         self.parallel([j for j in jobs if "-mae_seg-" not in j[0]])
