@@ -27,16 +27,16 @@ Then, e.g.: python -m study configs/study/crackforest_cpu.yaml --out runs/study/
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from defectforge.reader import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFECTS = "defects={crack: 1.0, scratch: 0.3, pit: 0.3, stain: 0.6, chip: 0.2}"
@@ -49,21 +49,6 @@ def run(cmd: list[str]) -> None:
     code = subprocess.call(cmd, cwd=REPO, env=env)
     if code:
         sys.exit(f"failed ({code}): {' '.join(cmd)}")
-
-
-def samples(folder: Path):
-    """(key, image bytes, mask bytes) of every sample of every shard in `folder`, in key order."""
-    for shard in sorted(folder.glob("*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key in sorted(members):
-            parts = members[key]
-            image = parts.get("png") or parts.get("jpg")
-            yield key, image, parts["mask.png"]
 
 
 def main() -> None:
@@ -85,9 +70,10 @@ def main() -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(exist_ok=True)
     keys = []
-    for key, image_bytes, mask_bytes in samples(gen):
-        image = Image.open(io.BytesIO(image_bytes)).convert("L")
-        mask = np.asarray(Image.open(io.BytesIO(mask_bytes)))
+    for sample in make_dataset(gen, "train", compact=True):  # uint8 image (3, H, W) and class-index mask
+        key = sample["key"]
+        image = Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).convert("L")
+        mask = sample["mask"].numpy()
         h, w = mask.shape
         cw, ch = (int(rng.integers(100, min(600, w) + 1)), int(rng.integers(100, min(600, h) + 1)))
         x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
