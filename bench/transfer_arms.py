@@ -25,7 +25,7 @@ an interrupted run continues. `--jobs 2` runs two commands at a time, each on `-
 
 Usage: python bench/transfer_arms.py [--data ../shared/data/crackforest] [--out runs/arms] [--seeds 0 1 2]
        [--models vit_tiny resnet18] [--arms scratch cls ...] [--jobs 2 --threads 1] [--steps 300]
-       [--class-weights auto]
+       [--class-weights auto] [--crops resized|own]
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ MODELS = {"vit_tiny": [], "resnet18": ["model=resnet18", "architecture=Unet"]}
 # the synthetic data of crackforest_cpu.yaml (mostly cracks on concrete and asphalt)
 DEFECTS = "defects={crack: 1.0, scratch: 0.5, pit: 0.3, stain: 0.3, chip: 0.2}"
 SURFACES = "surfaces={concrete: 1.0, asphalt: 2.0, ceramic: 0.5, metal: 0.5}"
-# the crops the arms table was measured with (random resized crops, half on a defect); the quickstart configs
-# have since moved to crops at the images' own scale, 0.8 on a defect (docs/finetune.md, "The quickstart recipe")
-RECIPE_AS_MEASURED = ["resized_crop=true", "defect_crop=0.5"]
+# `--crops`: "resized", the crops the arms table was measured with (random resized crops in pretraining and
+# fine-tuning, half of the fine-tuning crops on a defect); "own", the quickstart configs' crops at the images' own
+# scale, 0.8 on a defect (docs/finetune.md, "The quickstart recipe")
+CROPS = {"resized": {"pretrain": ["resized_crop=true"], "finetune": ["resized_crop=true", "defect_crop=0.5"]},
+         "own": {"pretrain": ["resized_crop=false"], "finetune": ["resized_crop=false", "defect_crop=0.8"]}}
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -95,11 +97,14 @@ class Arms:
                                 "--out", str(real), "--overwrite"], real / "_info.json")
         common = ["--config", "configs/synth/default.yaml", "--no-progress", f"num_samples={s}", "image_size=160",
                   "shard_size=64", "val_ratio=0.1", DEFECTS]
-        self.parallel([
-            ("data_procedural", [self.py, "-m", "synth", "generate", "--out", str(out / "procedural"), *common,
-                                 "name=arms-procedural", SURFACES], out / "procedural" / "_info.json"),
-            ("data_own", [self.py, "-m", "synth", "generate", "--out", str(out / "own"), *common, "name=arms-own",
-                          f"labeled_dir={real}", "labeled_ratio=1.0"], out / "own" / "_info.json")])
+        needed = {PRETRAINED_ARMS.get(a) for a in self.args.arms} | ({"own"} if "cotrain" in self.args.arms else set())
+        self.parallel([job for source, job in (
+            ("procedural", ("data_procedural", [self.py, "-m", "synth", "generate", "--out", str(out / "procedural"),
+                                                *common, "name=arms-procedural", SURFACES],
+                            out / "procedural" / "_info.json")),
+            ("own", ("data_own", [self.py, "-m", "synth", "generate", "--out", str(out / "own"), *common,
+                                  "name=arms-own", f"labeled_dir={real}", "labeled_ratio=1.0"],
+                     out / "own" / "_info.json"))) if source in needed])
 
     # pretraining
     def pretrain_cmd(self, model: str, arm: str) -> tuple[str, list[str], Path]:
@@ -109,8 +114,8 @@ class Arms:
         extra = [f"weights={self.out / 'pretrain' / f'{model}-mae'}"] if arm == "mae_seg" else []
         cmd = [self.py, "-m", "pretrain", "--config", "configs/pretrain/quickstart.yaml", "--shards", str(data),
                "--out", str(folder), "--no-progress", f"objective={objective}", *MODELS[model],
-               f"max_steps={self.args.pretrain_steps}", "val_every=200", "checkpoint_every=200", "resized_crop=true",
-               *extra]
+               f"max_steps={self.args.pretrain_steps}", "val_every=200", "checkpoint_every=200",
+               *CROPS[self.args.crops]["pretrain"], *extra]
         return f"pretrain_{model}-{arm}", cmd, folder / "model.safetensors"
 
     def arms_of(self, model: str) -> list[str]:
@@ -139,7 +144,7 @@ class Arms:
                            str(self.out / "data" / "real"), "--out", str(folder), "--no-progress", *MODELS[m],
                            f"crop_size={self.args.crop}", f"max_steps={self.args.steps}", f"seed={seed}",
                            f"val_every={self.args.steps}", f"checkpoint_every={self.args.steps}",
-                           f"class_weights={self.args.class_weights}", *RECIPE_AS_MEASURED, *extra]
+                           f"class_weights={self.args.class_weights}", *CROPS[self.args.crops]["finetune"], *extra]
                     jobs.append((f"finetune_{m}-{a}-s{seed}", cmd, folder / "model_config.json"))
                     runs.append((m, a, seed, folder))
         self.parallel([j for j in jobs if "-mae_seg-" not in j[0]])
@@ -204,7 +209,11 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (crackforest_cpu.yaml: 300)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (the arms table: 300; "
+                   "crackforest_cpu.yaml: 600)")
+    p.add_argument("--crops", default="resized", choices=list(CROPS),
+                   help="resized: random resized crops, half on a defect (the arms table, crackforest_cpu.yaml); "
+                        "own: crops at the images' own scale, 0.8 on a defect (the quickstart configs)")
     p.add_argument("--crop", type=int, default=192, help="fine-tuning crop (crackforest_cpu.yaml: 192)")
     p.add_argument("--class-weights", default="auto", choices=["auto", "null"],
                    help="fine-tuning class_weights: the arms table was measured with auto (the quickstart default "
