@@ -212,8 +212,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps (the arms table: 300; "
                    "crackforest_cpu.yaml: 600)")
     p.add_argument("--crops", default="resized", choices=list(CROPS),
-                   help="resized: random resized crops, half on a defect (the arms table, crackforest_cpu.yaml); "
-                        "own: crops at the images' own scale, 0.8 on a defect (the quickstart configs)")
+                   help="resized: random resized crops, half on a defect (the arms table); own: crops at the images' "
+                        "own scale, 0.8 on a defect (the quickstart configs and crackforest_cpu.yaml since "
+                        "2026-12-06)")
     p.add_argument("--crop", type=int, default=192, help="fine-tuning crop (crackforest_cpu.yaml: 192)")
     p.add_argument("--class-weights", default="auto", choices=["auto", "null"],
                    help="fine-tuning class_weights: the arms table was measured with auto (the quickstart default "
