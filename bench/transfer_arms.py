@@ -97,14 +97,11 @@ class Arms:
                                 "--out", str(real), "--overwrite"], real / "_info.json")
         common = ["--config", "configs/synth/default.yaml", "--no-progress", f"num_samples={s}", "image_size=160",
                   "shard_size=64", "val_ratio=0.1", DEFECTS]
+        extra = {"procedural": [SURFACES], "own": [f"labeled_dir={real}", "labeled_ratio=1.0"]}
         needed = {PRETRAINED_ARMS.get(a) for a in self.args.arms} | ({"own"} if "cotrain" in self.args.arms else set())
-        self.parallel([job for source, job in (
-            ("procedural", ("data_procedural", [self.py, "-m", "synth", "generate", "--out", str(out / "procedural"),
-                                                *common, "name=arms-procedural", SURFACES],
-                            out / "procedural" / "_info.json")),
-            ("own", ("data_own", [self.py, "-m", "synth", "generate", "--out", str(out / "own"), *common,
-                                  "name=arms-own", f"labeled_dir={real}", "labeled_ratio=1.0"],
-                     out / "own" / "_info.json"))) if source in needed])
+        self.parallel([(f"data_{source}", [self.py, "-m", "synth", "generate", "--out", str(out / source), *common,
+                                           f"name=arms-{source}", *args], out / source / "_info.json")
+                       for source, args in extra.items() if source in needed])
 
     # pretraining
     def pretrain_cmd(self, model: str, arm: str) -> tuple[str, list[str], Path]:
