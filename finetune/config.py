@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from defectforge.config import require
+from defectforge.config import require, section
 from defectforge.training import TrainingKeys, validate_training_keys
+from pretrain.cutmix import MixConfig
 from pretrain.segmenter import SegmentationKeys, validate_segmentation_keys
 
 
 @dataclass
-class FinetuneConfig(TrainingKeys, SegmentationKeys):
+class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
     name: str = "finetune"
     # model (finetune/models.py): a timm encoder inside a segmentation-models-pytorch architecture
     model: str = "vit_tiny"  # timm name (arch.tag picks published weights and their mean/std) or alias
@@ -36,6 +37,8 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
     # augmentation (defectforge/augment.py), image and mask alike; the other AugmentConfig defaults are kept
     color_jitter: float = 0.5
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    # CutMix with the masks mixed, as in pretraining (pretrain/cutmix.py: cutmix_alpha, mixup_alpha, switch_prob)
+    cutmix_prob: float = 0.0  # share of training batches mixed, masks pasted with the images; 0 = off
     # optimisation (defectforge/loop.py): the TrainingKeys, with these defaults
     batch_size: int = 8
     max_steps: int = 2000
@@ -69,3 +72,13 @@ class FinetuneConfig(TrainingKeys, SegmentationKeys):
         require(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "an integer between 32 and 4096")
         require(64 <= self.val_max_size <= 8192, "val_max_size", self.val_max_size, "an integer between 64 and 8192")
         require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")
+        self.mix.validate()
+        require(not (self.synthetic_shards and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
+                self.mixup_alpha, "0 with synthetic_shards (co-training masks may hold ignored pixels, which Mixup "
+                "cannot blend; CutMix can)")
+
+    @property
+    def mix(self) -> MixConfig:
+        # no label head here: the labels a mix also returns are dropped, so they are always the area-weighted ones
+        # (label_mode: mask would check the mixed masks against the label columns, co-training's ignored pixels too)
+        return replace(section(self, MixConfig), label_mode="area")

@@ -27,6 +27,7 @@ from defectforge.training import Task, normalizer, run_task
 from pretrain.hub import combine
 from pretrain.metrics import SegMetrics
 from pretrain.segmenter import SegLoss, Segmenter, auto_class_weights, build_segmenter, save_segmenter
+from pretrain.train import mixed_batch
 
 from .config import FinetuneConfig
 from .models import class_lut, freeze, init_pretraining, load_init
@@ -161,7 +162,7 @@ class FinetuneTask(Task):
                 "model": self.mcfg}, indent=2) + "\n")
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
-        self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
+        self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         return model
 
     def loader(self, run: Run, epoch: int, batches: int):
@@ -179,8 +180,12 @@ class FinetuneTask(Task):
         return (co_batch(a, b, self.syn_lut) for a, b in zip(target, synthetic, strict=False))
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
-        images, masks = augment_batch(self.aug, *to_device(batch, run.accelerator.device))
-        return self.criterion(model(self.normalize(images)), masks)
+        if self.mix.enabled:  # CutMix of images and masks alike (the first mixed batch: RUN/cutmix_grid.png)
+            images, _, target = mixed_batch(run, batch, self.aug, self.mix, self.classes,
+                                            run.run_dir / "cutmix_grid.png" if first else None)
+        else:
+            images, target = augment_batch(self.aug, *to_device(batch, run.accelerator.device))
+        return self.criterion(model(self.normalize(images)), target)
 
     def validate(self, run: Run, model, step: int) -> dict:
         return validate(run, model, self.shards, self.cfg, self.classes, self.normalize, step)

@@ -338,7 +338,8 @@ def mixed_batch(run: Run, batch: dict, aug, mix, classes: list[str], grid_path: 
     """Augment, labels from the augmented masks, mix: (images, multi-hot labels, mixed masks)."""
     images, masks = augment_batch(aug, *to_device(batch, run.accelerator.device))
     k = len(classes) - 1
-    present = images.new_zeros(masks.shape[0], k + 1).scatter_(1, masks.flatten(1), 1.0)
+    known = masks.masked_fill(masks > k, 0).flatten(1)  # ignored pixels (co-training's IGNORE) mark no class
+    present = images.new_zeros(masks.shape[0], k + 1).scatter_(1, known, 1.0)
     labels = present[:, 1:]  # presence after the crop: a defect cropped away is absent
     images, labels, dense_target, info = mix_batch(images, labels, masks, mix)
     if grid_path is not None and run.accelerator.is_main_process:

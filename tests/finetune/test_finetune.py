@@ -239,3 +239,40 @@ def test_dinov2_and_dinov3_vits_with_dpt_keep_any_input_size(name):
     with torch.no_grad():
         for size in ((100, 70), (64, 96), (56, 56)):
             assert model(torch.rand(1, 3, *size)).shape == (1, 3, *size)
+
+
+def test_cutmix_in_finetuning_pastes_masks_with_the_images_and_is_off_unless_asked(shards, tmp_path):
+    from types import SimpleNamespace
+
+    from defectforge.augment import build_augment
+    from finetune.train import FinetuneTask
+
+    still = {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "color_jitter": 0.0, "resized_crop": False}
+    # each sample is one flat colour i / 10 with the mask value i: after mixing, a pixel's mask must still be its
+    # colour, wherever the box came from
+    batch = {"image": torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 8, 8) / 10,
+             "mask": torch.arange(3).view(3, 1, 1).expand(3, 8, 8).to(torch.uint8), "key": ["a", "b", "c"]}
+    run = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"), is_main_process=True),
+                          run_dir=tmp_path)
+
+    def seen_by_the_loss(cfg):
+        task = FinetuneTask(cfg, str(shards))
+        task.classes, task.normalize = CLASSES, lambda x: x
+        task.aug, task.mix = build_augment(cfg.augment, (8, 8)), cfg.mix
+        task.criterion = lambda logits, target: {"loss": logits.sum(), "images": logits, "target": target}
+        torch.manual_seed(0)
+        return task.losses(run, lambda x: x, batch, first=False)
+
+    plain = seen_by_the_loss(config(**still))
+    assert not config().mix.enabled
+    assert torch.equal(plain["target"], batch["mask"].long()) and torch.equal(plain["images"], batch["image"])
+    mixed = seen_by_the_loss(config(cutmix_prob=1.0, **still))
+    colour = (mixed["images"][:, 0] * 10).round().long()
+    assert torch.equal(mixed["target"], colour)  # the masks were pasted with exactly the images' boxes
+    assert not torch.equal(mixed["target"], batch["mask"].long())  # and something was pasted
+    with pytest.raises(ConfigError, match="mixup_alpha"):
+        config(cutmix_prob=1.0, mixup_alpha=0.2, synthetic_shards=str(shards), batch_size=4)
+    # the command: a short mixed run shows its first mixed batch
+    cfg = config(model="resnet18", architecture="Unet", cutmix_prob=1.0, max_steps=2, val_every=2, checkpoint_every=2)
+    assert train(cfg, str(shards), tmp_path / "run", progress=False)["step"] == 2
+    assert (tmp_path / "run/cutmix_grid.png").is_file()

@@ -197,6 +197,10 @@ def test_co_training_batches_hold_the_configured_share_with_mapped_classes(shard
     assert finetune(load_config(FinetuneConfig, None, unet), str(mine), tmp_path / "co", progress=False)["step"] == 2
     info = json.loads((tmp_path / "co/run_info.json").read_text())["synthetic"]
     assert info["ratio"] == 0.25 and info["classes"]["scratch"] == 1 and info["classes"]["pit"] == IGNORE
+    # CutMix on co-training batches: the ignored pixels are pasted like any other mask value
+    mixed = {**unet, "cutmix_prob": 1.0, "label_mode": "mask"}
+    summary = finetune(load_config(FinetuneConfig, None, mixed), str(mine), tmp_path / "comix", progress=False)
+    assert summary["step"] == 2 and (tmp_path / "comix/cutmix_grid.png").is_file()
 
 
 def test_class_map_with_a_classification_init_needs_synthetic_shards(shards, tmp_path):
