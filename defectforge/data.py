@@ -23,6 +23,8 @@ from webdataset.utils import pytorch_worker_info
 from defectforge.reader import make_dataset, repeat_factors
 
 log = logging.getLogger(__name__)
+IGNORE = 255  # mask value the losses skip: padding, co-training classes with no target class
+SMALL_IMAGES = ("pad", "resize")  # what a training crop does with an image smaller than it
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -32,8 +34,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class SquareCrop:
     """Decoded sample -> `size` x `size` crop (random in training, fixed per sample key in validation).
 
-    An image smaller than `size` on a side is first resized (bilinear, mask nearest) so its shorter side is
-    `size`; larger images are cropped at full resolution, so thin defects keep their pixels. The labels are
+    Images are cropped at full resolution, so thin defects keep their pixels. An image smaller than `size` on a
+    side is, with `small_images="pad"`, padded to `size` at a random offset (the image mirrored, as `Segmenter`
+    pads at inference; the mask `IGNORE`, so the padding trains nothing) and stays at the scale it is evaluated
+    at; with `"resize"` it is resized up (bilinear, mask nearest) so its shorter side is `size`. The labels are
     recomputed from the cropped mask: a defect cropped away is absent.
 
     `defect_crop` (training only): the probability that a crop is placed on a defect instead of uniformly.
@@ -43,9 +47,12 @@ class SquareCrop:
     of the crops only: a 2 % defect area in 1/4-image crops leaves most crops all background.
     """
 
-    def __init__(self, size: int, num_classes: int, seed: int | None, defect_crop: float = 0.0):
+    def __init__(self, size: int, num_classes: int, seed: int | None, defect_crop: float = 0.0,
+                 small_images: str = "resize"):
+        if small_images not in SMALL_IMAGES:
+            raise ValueError(f"small_images={small_images!r}: expected one of {', '.join(SMALL_IMAGES)}")
         self.size, self.num_classes, self.seed = size, num_classes, seed
-        self.defect_crop = defect_crop
+        self.defect_crop, self.small_images = defect_crop, small_images
         self._rng: np.random.Generator | None = None
 
     def _generator(self) -> np.random.Generator:
@@ -57,7 +64,12 @@ class SquareCrop:
     def __call__(self, sample: dict) -> dict:
         image, mask = sample["image"], sample["mask"]
         h, w = mask.shape
-        if min(h, w) < self.size:
+        # validation: a crop fixed by the sample key (not the centre, which would never show an edge chip)
+        rng = self._generator() if self.seed is not None else np.random.default_rng(zlib.crc32(sample["key"].encode()))
+        if min(h, w) < self.size and self.small_images == "pad":
+            image, mask = pad_to(image, mask, self.size, rng)
+            h, w = mask.shape
+        elif min(h, w) < self.size:
             scale = self.size / min(h, w)
             h, w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
             dtype = image.dtype
@@ -65,12 +77,11 @@ class SquareCrop:
                                   antialias=True)[0]
             image = image.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else image
             mask = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0].to(mask.dtype)
-        # validation: a crop fixed by the sample key (not the centre, which would never show an edge chip)
-        rng = self._generator() if self.seed is not None else np.random.default_rng(zlib.crc32(sample["key"].encode()))
         y0, x0 = self._origin(rng, mask, h, w)
         image = image[:, y0:y0 + self.size, x0:x0 + self.size].contiguous()
         mask = mask[y0:y0 + self.size, x0:x0 + self.size].contiguous()
-        present = np.bincount(mask.numpy().ravel(), minlength=self.num_classes + 1)[1:] > 0  # numpy: cheap per sample
+        counts = np.bincount(mask.numpy().ravel(), minlength=self.num_classes + 1)  # numpy: cheap per sample
+        present = counts[1:self.num_classes + 1] > 0  # IGNORE (padding, co-training) marks no class
         return {"image": image, "mask": mask, "labels": torch.from_numpy(present.astype(np.float32)),
                 "key": sample["key"]}
 
@@ -79,7 +90,7 @@ class SquareCrop:
         size = self.size
         if self.defect_crop > 0 and self.seed is not None and rng.random() < self.defect_crop:
             m = mask.numpy()
-            classes = np.flatnonzero(np.bincount(m.ravel(), minlength=2)[1:]) + 1
+            classes = np.flatnonzero(np.bincount(m.ravel(), minlength=2)[1:self.num_classes + 1]) + 1
             if classes.size:
                 ys, xs = np.nonzero(m == classes[rng.integers(classes.size)])
                 i = rng.integers(ys.size)
@@ -89,6 +100,20 @@ class SquareCrop:
         return int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
 
 
+def pad_to(image: torch.Tensor, mask: torch.Tensor, size: int,
+           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`image` (C, H, W) and `mask` (H, W) padded to at least `size` on each side, the image placed at a random
+    offset: the image mirrored into the border (numpy's `reflect`, repeated for a border wider than the image),
+    the mask filled with `IGNORE`."""
+    h, w = mask.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    top, left = int(rng.integers(0, ph + 1)), int(rng.integers(0, pw + 1))
+    pads = ((top, ph - top), (left, pw - left))
+    img = np.pad(image.numpy(), ((0, 0), *pads), mode="reflect" if min(h, w) > 1 else "edge")
+    msk = np.pad(mask.numpy(), pads, mode="constant", constant_values=IGNORE)
+    return torch.from_numpy(img), torch.from_numpy(msk)
+
+
 def epoch_batches(steps: int, grad_accum: int) -> int:
     """Batches each process consumes in an epoch of `steps` optimizer steps."""
     return steps * grad_accum
@@ -96,14 +121,16 @@ def epoch_batches(steps: int, grad_accum: int) -> int:
 
 def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, batches: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, seed: int, epoch: int, classes: list[str] | None = None,
-                 keys: list[str] | None = None, defect_crop: float = 0.0, repeat_threshold: float = 0.0) -> DataLoader:
+                 keys: list[str] | None = None, defect_crop: float = 0.0, repeat_threshold: float = 0.0,
+                 small_images: str = "resize") -> DataLoader:
     """A loader that yields at least `batches` full batches on every process (the caller takes `batches`).
 
     Its images and masks are uint8 (`make_dataset(compact=True)`): move them with `to_device`.
 
     Each of the `world_size * max(1, num_workers)` readers gets the same whole number of batches, so the
     per-reader share of `epoch_samples` never leaves a partial batch. `keys` restricts training to a subset;
-    `defect_crop` is the share of crops placed on a defect (`SquareCrop`); `repeat_threshold` > 0 shows the images
+    `defect_crop` is the share of crops placed on a defect and `small_images` what happens to an image smaller than
+    the crop (`SquareCrop`); `repeat_threshold` > 0 shows the images
     of rare classes more often (`defectforge.reader.repeat_factors`), within the same number of batches.
     """
     readers = max(1, num_workers)
@@ -112,7 +139,8 @@ def train_loader(shards: str, split: str, *, img_size: int, batch_size: int, bat
     probe = make_dataset(shards, split, classes=classes)  # resolves classes (and fails early on a bad location)
     dataset = make_dataset(shards, split, resampled=True, epoch_samples=world_size * readers * per_reader * batch_size,
                            shuffle=shuffle_buffer, seed=s, classes=probe.classes,
-                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s, defect_crop=defect_crop),
+                           transform=SquareCrop(img_size, len(probe.classes) - 1, seed=s, defect_crop=defect_crop,
+                                                small_images=small_images),
                            keys=keys, compact=True, repeats=class_repeats(shards, split, repeat_threshold, keys))
     generator = torch.Generator().manual_seed(s)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=generator,
@@ -161,11 +189,12 @@ def folders_in_turn(shards: list[str], per_folder: list[list[str]], split: str, 
 
 
 def val_loader(shards: str, split: str, *, img_size: int, batch_size: int, num_workers: int,
-               classes: list[str] | None = None) -> DataLoader:
+               classes: list[str] | None = None, small_images: str = "resize") -> DataLoader:
     """Every sample of `split` once over all processes and workers, cropped to `img_size` (crop fixed by key)."""
     dataset = make_dataset(shards, split, classes=classes)
     dataset = make_dataset(shards, split, classes=dataset.classes,
-                           transform=SquareCrop(img_size, len(dataset.classes) - 1, seed=None))
+                           transform=SquareCrop(img_size, len(dataset.classes) - 1, seed=None,
+                                                small_images=small_images))
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
 
 

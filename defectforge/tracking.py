@@ -64,7 +64,9 @@ def mask_grid(images: Tensor, masks: Tensor, palette: np.ndarray, *, max_items: 
     ms = masks[:n].detach().cpu()
     if ms.ndim == 4:  # Mixup soft targets (N, K+1, H, W): show the most likely class
         ms = ms.argmax(1)
-    colored = palette[ms.numpy().clip(0, len(palette) - 1)]
+    ms = ms.numpy()
+    colored = palette[ms.clip(0, len(palette) - 1)]
+    colored[ms == 255] = 128  # ignored pixels (a padded crop, co-training): grey
     return np.concatenate([np.concatenate(list(imgs), axis=1), np.concatenate(list(colored), axis=1)], axis=0)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from .augment import AugmentConfig
 from .config import require, section
+from .data import SMALL_IMAGES
 from .loop import Run, last_checkpoint, lr_factor
 from .precision import prefers_channels_last
 from .reader import damage_found
@@ -52,6 +53,8 @@ def validate_training_keys(cfg) -> None:
             "a probability in [0, 1]")
     require(isinstance(cfg.repeat_threshold, int | float) and 0 <= cfg.repeat_threshold <= 1, "repeat_threshold",
             cfg.repeat_threshold, "a number in [0, 1] (0 = every image once per pass)")
+    require(cfg.small_images in SMALL_IMAGES, "small_images", cfg.small_images,
+            f"one of {', '.join(SMALL_IMAGES)} (what a training crop does with an image smaller than crop_size)")
     require(0 < cfg.ema_decay < 1, "ema_decay", cfg.ema_decay, "a number in (0, 1)")
     require(cfg.resume is None or isinstance(cfg.resume, str), "resume", cfg.resume,
             "null, 'latest' or a checkpoint folder")
@@ -68,6 +71,7 @@ class TrainingKeys(AugmentConfig):
     crop_size: int = 224  # side of the square training crops the loader cuts (and the augmentation returns)
     defect_crop: float = 0.0  # share of the training crops placed on a defect pixel (defectforge/data.py)
     repeat_threshold: float = 0.0  # > 0: images of rare classes shown more often (docs/finetune.md, Data)
+    small_images: str = "resize"  # an image smaller than crop_size: "pad" (mask ignored) or "resize" it up
     # optimisation (defectforge/loop.py)
     batch_size: int = 32  # per process
     grad_accum: int = 1

@@ -32,6 +32,9 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
     crop_size: int = 512
     # half the crops on a defect (nnU-Net samples a third around foreground); measured in docs/finetune.md
     defect_crop: float = 0.5
+    # an image smaller than crop_size is padded (mask ignored), not resized up: trained at the scale it is evaluated
+    # at (measured on a rare multi-class set of 100-600 px images, docs/finetune.md, Data)
+    small_images: str = "pad"
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
     shuffle_buffer: int = 64
     # augmentation (defectforge/augment.py), image and mask alike; the other AugmentConfig defaults are kept
@@ -76,6 +79,9 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
         require(not (self.synthetic_shards and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
                 self.mixup_alpha, "0 with synthetic_shards (co-training masks may hold ignored pixels, which Mixup "
                 "cannot blend; CutMix can)")
+        require(not (self.small_images == "pad" and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
+                self.mixup_alpha, "0 with small_images: pad (a padded crop's mask holds ignored pixels, which Mixup "
+                "cannot blend; CutMix can), or set small_images: resize")
 
     @property
     def mix(self) -> MixConfig:

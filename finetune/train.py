@@ -170,7 +170,7 @@ class FinetuneTask(Task):
         k = round(cfg.synthetic_ratio * cfg.batch_size) if cfg.synthetic_shards else 0
         common = dict(img_size=cfg.crop_size, batches=batches, world_size=run.accelerator.num_processes,
                       num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, epoch=epoch,
-                      defect_crop=cfg.defect_crop)
+                      defect_crop=cfg.defect_crop, small_images=cfg.small_images)
         target = train_loader(self.shards, cfg.train_split, batch_size=cfg.batch_size - k, seed=cfg.seed,
                               classes=self.classes, keys=self.subset, repeat_threshold=cfg.repeat_threshold, **common)
         if not k:

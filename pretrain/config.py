@@ -68,6 +68,9 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
         if self.objective == "mae":
             require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective mae")
         self.mix.validate()
+        require(not (self.small_images == "pad" and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
+                self.mixup_alpha, "0 with small_images: pad (a padded crop's mask holds ignored pixels, which Mixup "
+                "cannot blend; CutMix can), or set small_images: resize")
 
     @property
     def mix(self) -> MixConfig:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from defectforge.config import ConfigError
+from defectforge.data import IGNORE
 
 LABEL_MODES = ("area", "mask")
 
@@ -148,9 +149,9 @@ def _paste_masks(boxes: Tensor, height: int, width: int) -> Tensor:
 
 
 def _presence(masks: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """Multi-hot ``(B, K)`` of the defect classes 1..K present in each mask."""
+    """Multi-hot ``(B, K)`` of the defect classes 1..K present in each mask (``IGNORE`` pixels mark none)."""
     hits = torch.zeros(masks.shape[0], num_classes + 1, dtype=dtype, device=masks.device)
-    hits.scatter_(1, masks.flatten(1), 1.0)
+    hits.scatter_(1, masks.masked_fill(masks == IGNORE, 0).flatten(1), 1.0)
     return hits[:, 1:]
 
 
@@ -165,10 +166,15 @@ def _check_inputs(images: Tensor, labels: Tensor, masks: Tensor) -> None:
                          f"got {tuple(masks.shape)} {masks.dtype}")
 
 
-def _check_mask_values(masks: Tensor, num_classes: int) -> None:
-    if masks.numel() and (int(masks.min()) < 0 or int(masks.max()) > num_classes):
+def _check_mask_values(masks: Tensor, num_classes: int, ignore: bool = False) -> None:
+    """Mask values in 0..K, and ``IGNORE`` (255: a padded crop, a co-training class) where it can be kept."""
+    values = masks[masks != IGNORE] if ignore else masks
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) > num_classes):
+        hint = "" if ignore or int(values.max()) != IGNORE else (
+            f"; {IGNORE} marks ignored pixels (small_images: pad, co-training), which Mixup cannot blend: "
+            "use CutMix (mixup_alpha=0) or small_images=resize")
         raise ValueError(f"mask values must lie in 0..{num_classes} (labels have K={num_classes} columns), "
-                         f"got {int(masks.min())}..{int(masks.max())}")
+                         f"got {int(values.min())}..{int(values.max())}{hint}")
 
 
 def mix_batch(images: Tensor, labels: Tensor, masks: Tensor, cfg: MixConfig,
@@ -223,7 +229,7 @@ def mix_batch(images: Tensor, labels: Tensor, masks: Tensor, cfg: MixConfig,
         mixed_masks = torch.where(paste, masks[perm], masks)
         area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).float() / (height * width)
         if cfg.label_mode == "mask":
-            _check_mask_values(mixed_masks, num_classes)
+            _check_mask_values(mixed_masks, num_classes, ignore=True)
             mixed_labels = _presence(mixed_masks, num_classes, labels.dtype)
         else:
             w = area.to(labels.dtype)[:, None]

@@ -59,17 +59,20 @@ class SegMetrics:
         self.hist = torch.zeros(2, bins, dtype=torch.float64, device=device)  # [negative, positive] pixels
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        """probs: (N, C, H, W) class probabilities; target: (N, H, W) class indices."""
+        """probs: (N, C, H, W) class probabilities; target: (N, H, W) class indices (values >= C, the loaders'
+        IGNORE, are left out)."""
         n = len(self.classes)
         if probs.ndim != 4 or probs.shape[1] != n or probs.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"expected probs (N, {n}, H, W) and target (N, H, W), got {tuple(probs.shape)} and "
                              f"{tuple(target.shape)}")
-        target = target.to(self.confusion.device).long()
-        pred = probs.argmax(1).to(self.confusion.device)
-        self.confusion += torch.bincount((target * n + pred).flatten(), minlength=n * n).view(n, n).double()
-        defect = (1 - probs[:, 0]).to(self.hist.device).flatten()
+        target = target.to(self.confusion.device).long().flatten()
+        pred = probs.argmax(1).to(self.confusion.device).flatten()
+        known = target < n  # IGNORE pixels (a training crop's padding) count nowhere
+        target, pred = target[known], pred[known]
+        self.confusion += torch.bincount(target * n + pred, minlength=n * n).view(n, n).double()
+        defect = (1 - probs[:, 0]).to(self.hist.device).flatten()[known.to(self.hist.device)]
         index = (defect * self.bins).long().clamp_(0, self.bins - 1)
-        positive = (target > 0).flatten().long()
+        positive = (target > 0).long().to(self.hist.device)
         self.hist += torch.bincount(positive * self.bins + index, minlength=2 * self.bins).view(2, self.bins).double()
 
     def state(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from defectforge.config import ConfigError, require
+from defectforge.data import IGNORE
 from defectforge.reader import make_dataset
 
 from .hub import HubWeights, fetch_pretrained, mismatch
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("auto", "DPT", "DeepLabV3Plus", "DeepLabV3", "Unet", "UnetPlusPlus", "FPN", "UPerNet", "PSPNet",
                  "PAN", "Linknet", "MAnet", "Segformer")
 LOSSES = ("ce", "ce_dice", "focal", "focal_dice")
-IGNORE = 255  # mask value the losses skip
 
 
 @dataclass

@@ -27,7 +27,7 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from defectforge.augment import augment_batch, build_augment
 from defectforge.config import ConfigError
-from defectforge.data import folders_in_turn, merged_classes, to_device, train_loader, val_loader
+from defectforge.data import IGNORE, folders_in_turn, merged_classes, to_device, train_loader, val_loader
 from defectforge.loop import NonFiniteLoss, Run, checkpoints  # noqa: F401  (re-exported)
 from defectforge.reader import make_dataset
 from defectforge.tracking import class_palette, mask_grid
@@ -129,7 +129,8 @@ class PretrainTask(Task):
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         self.val = val_loader(shards, cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
-                              num_workers=min(cfg.num_workers, 1), classes=self.classes) if cfg.val_split else None
+                              num_workers=min(cfg.num_workers, 1), classes=self.classes,
+                              small_images=cfg.small_images) if cfg.val_split else None
         return net
 
     def make_model(self) -> tuple[torch.nn.Module, dict]:
@@ -143,7 +144,8 @@ class PretrainTask(Task):
         return train_loader(self.shards, cfg.train_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
                             batches=batches, world_size=run.accelerator.num_processes, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, epoch=epoch, classes=self.classes,
-                            defect_crop=cfg.defect_crop, repeat_threshold=cfg.repeat_threshold)
+                            defect_crop=cfg.defect_crop, repeat_threshold=cfg.repeat_threshold,
+                            small_images=cfg.small_images)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         return pretrain_losses(run, model, batch, self.aug, self.mix, self.normalize, self.cfg, self.classes,
@@ -266,7 +268,8 @@ class MAEPretrainTask(PretrainTask):
         self.normalize = normalizer(self.mcfg["mean"], self.mcfg["std"], acc.device)
         self.aug = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size))
         self.val = val_loader(self.folders[0], cfg.val_split, img_size=cfg.crop_size, batch_size=cfg.batch_size,
-                              num_workers=min(cfg.num_workers, 1), classes=self.per_folder[0]) \
+                              num_workers=min(cfg.num_workers, 1), classes=self.per_folder[0],
+                              small_images=cfg.small_images) \
             if cfg.val_split else None
         return net
 
@@ -278,7 +281,7 @@ class MAEPretrainTask(PretrainTask):
         return folders_in_turn(self.folders, self.per_folder, cfg.train_split, img_size=cfg.crop_size,
                                batch_size=cfg.batch_size, batches=batches, world_size=run.accelerator.num_processes,
                                num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                               epoch=epoch, repeat_threshold=cfg.repeat_threshold)
+                               epoch=epoch, repeat_threshold=cfg.repeat_threshold, small_images=cfg.small_images)
 
     def losses(self, run: Run, model, batch: dict, first: bool) -> dict[str, torch.Tensor]:
         images, masks = to_device(batch, run.accelerator.device)
@@ -353,7 +356,8 @@ def pretrain_losses(run: Run, model, batch: dict, aug, mix, normalize, cfg: Pret
     images, labels, dense_target = mixed_batch(run, batch, aug, mix, classes, grid_path)
     out = model(normalize(images))
     bce = F.binary_cross_entropy_with_logits(out["logits"].float(), labels)
-    dense = F.cross_entropy(out["dense"].float(), dense_target) if "dense" in out else bce.new_zeros(())
+    dense = F.cross_entropy(out["dense"].float(), dense_target, ignore_index=IGNORE) if "dense" in out \
+        else bce.new_zeros(())
     return {"loss": bce + cfg.dense_weight * dense, "bce": bce, "dense_loss": dense}
 
 

@@ -86,6 +86,8 @@ class DiffusionTrainConfig(TrainingKeys):
     def validate(self) -> None:
         validate_training_keys(self)
         require(self.crop_size <= 1024, "crop_size", self.crop_size, "an integer between 16 and 1024")
+        require(self.small_images == "resize", "small_images", self.small_images,
+                "'resize': the inpainting model learns every pixel of its crops, padding included")
         ch = self.channels
         require(isinstance(ch, list) and 2 <= len(ch) <= 6 and all(isinstance(c, int) and c > 0 for c in ch),
                 "channels", ch, "a list of 2-6 positive channel counts, one per resolution level")

@@ -63,3 +63,62 @@ def test_validation_crops_ignore_defect_crop():
     a = SquareCrop(32, 1, seed=None)(_sample(mask, "key7"))
     b = SquareCrop(32, 1, seed=None, defect_crop=1.0)(_sample(mask, "key7"))
     assert torch.equal(a["mask"], b["mask"])
+
+
+def _textured(h: int, w: int) -> torch.Tensor:
+    return torch.arange(h * w, dtype=torch.int64).reshape(1, h, w).remainder(251).to(torch.uint8).repeat(3, 1, 1)
+
+
+def test_small_images_pad_keeps_the_scale_and_ignores_the_padding():
+    mask = np.zeros((40, 70), np.uint8)
+    mask[10:13, 5:60] = 2  # a 3 px wide scratch
+    sample = {"image": _textured(40, 70), "mask": torch.from_numpy(mask), "key": "small"}
+    padded = [SquareCrop(64, 2, seed=s, small_images="pad")(dict(sample)) for s in range(6)]
+    for out in padded:
+        assert out["image"].shape == (3, 64, 64) and out["mask"].shape == (64, 64)
+        # every real pixel is there once, at its own scale: 40 x 64 of the 40 x 70 image (cropped in width only)
+        assert int((out["mask"] != 255).sum()) == 40 * 64
+        rows = torch.nonzero((out["mask"] == 2).any(1)).flatten()
+        assert len(rows) == 3  # still 3 px wide
+        assert out["labels"].tolist() == [0.0, 1.0]  # IGNORE marks no class
+    assert len({int(torch.nonzero(o["mask"] != 255)[0, 0]) for o in padded}) > 1  # the image lands at random rows
+    # "resize" (the default) scales it up instead: no ignored pixel, the scratch wider
+    resized = SquareCrop(64, 2, seed=0)(dict(sample))
+    assert not (resized["mask"] == 255).any()
+    assert int((resized["mask"] == 2).any(1).sum()) > 3
+
+
+def test_pad_mirrors_the_image_and_defect_crops_never_draw_the_ignored_value():
+    mask = np.zeros((20, 30), np.uint8)
+    mask[4, 4] = 1
+    image = _textured(20, 30)
+    crop = SquareCrop(48, 1, seed=0, defect_crop=1.0, small_images="pad")
+    for _ in range(20):
+        out = crop({"image": image, "mask": torch.from_numpy(mask), "key": "tiny"})
+        real = torch.nonzero(out["mask"] != 255)
+        y0, x0 = (int(v) for v in real.min(0).values)
+        assert torch.equal(out["image"][:, y0:y0 + 20, x0:x0 + 30], image)  # the image itself, unscaled
+        assert out["labels"].tolist() == [1.0] and int((out["mask"] == 1).sum()) == 1
+        border = out["image"][:, out["mask"] == 255]
+        assert border.float().std() > 0  # mirrored texture, not a constant fill
+    # a padded crop from an image that already holds IGNORE (co-training) still places crops on real classes
+    ignored = mask.copy()
+    ignored[15:, :] = 255
+    for _ in range(20):
+        out = crop({"image": image, "mask": torch.from_numpy(ignored), "key": "t"})
+        assert out["labels"].tolist() == [1.0]
+
+
+def test_small_images_is_validated():
+    import pytest
+
+    from defectforge.config import ConfigError
+    from finetune.config import FinetuneConfig
+    from synth.train_diffusion import DiffusionTrainConfig
+
+    with pytest.raises(ConfigError, match="small_images"):
+        FinetuneConfig(small_images="crop").validate()
+    with pytest.raises(ValueError, match="small_images"):
+        SquareCrop(32, 1, seed=0, small_images="stretch")
+    with pytest.raises(ConfigError, match="small_images"):
+        DiffusionTrainConfig(small_images="pad").validate()

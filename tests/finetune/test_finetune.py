@@ -164,6 +164,15 @@ def test_segmentation_metrics_match_hand_computed_values():
     assert r["F1_best"] == pytest.approx(0.8) and r["best_threshold"] == pytest.approx(0.2)
 
 
+def test_segmentation_metrics_leave_ignored_pixels_out():
+    p_defect = torch.tensor([0.1, 0.6, 0.4, 0.9, 0.9, 0.1]).view(1, 1, 6)
+    probs = torch.stack([1 - p_defect, p_defect], dim=1)
+    padded, plain = SegMetrics(["background", "crack"], bins=10), SegMetrics(["background", "crack"], bins=10)
+    padded.update(probs, torch.tensor([[[0, 0, 1, 1, 255, 255]]]))  # a padded crop's IGNORE pixels
+    plain.update(probs[..., :4], torch.tensor([[[0, 0, 1, 1]]]))
+    assert torch.equal(padded.state(), plain.state())
+
+
 def test_a_short_crackforest_run_finds_the_cracks(tmp_path, crackforest):
     shards = tmp_path / "cf"
     import_folder(crackforest / "images", crackforest / "masks", shards, split_file=crackforest / "split.json",

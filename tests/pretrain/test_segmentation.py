@@ -217,3 +217,27 @@ def test_class_map_with_a_classification_init_needs_synthetic_shards(shards, tmp
     with_shards = {**base, "synthetic_shards": str(shards)}  # then class_map maps the co-training classes
     assert finetune(load_config(FinetuneConfig, None, with_shards), str(mine), tmp_path / "b",
                     progress=False)["step"] == 1
+
+
+def test_crops_larger_than_the_images_are_padded_and_train_every_objective(shards, tmp_path):
+    # the shards' images are 64 x 96: 96 px crops pad every one (mask IGNORE), which every loss and metric skips
+    small = {**FAST, "crop_size": 96, "max_steps": 2, "val_every": 2, "checkpoint_every": 2, "small_images": "pad",
+             "model": "vit_tiny", "model_kwargs": SMALL_VIT, "defect_crop": 0.5}
+    seg = pretrain(load_config(PretrainConfig, None, {**small, "objective": "segmentation"}), str(shards),
+                   tmp_path / "seg", progress=False)
+    assert np.isfinite(seg["val"]["val_defect_mIoU"])
+    cls = pretrain(load_config(PretrainConfig, None, {**small, "objective": "classification", "label_mode": "mask",
+                                                      "cutmix_prob": 1.0}), str(shards), tmp_path / "cls",
+                   progress=False)
+    losses = [r for r in read_metrics(tmp_path / "cls/metrics.jsonl") if "dense_loss" in r]
+    assert cls["step"] == 2 and losses and all(np.isfinite(r["dense_loss"]) for r in losses)
+    assert FinetuneConfig().small_images == "pad" and PretrainConfig().small_images == "resize"
+    with pytest.raises(ConfigError, match="mixup_alpha"):
+        load_config(PretrainConfig, None, {**small, "cutmix_prob": 1.0, "mixup_alpha": 0.4})
+    with pytest.raises(ConfigError, match="small_images"):
+        load_config(FinetuneConfig, None, {"cutmix_prob": 1.0, "mixup_alpha": 0.4})
+    ft = finetune(load_config(FinetuneConfig, None, {**FAST, "crop_size": 96, "max_steps": 2, "val_every": 2,
+                                                    "checkpoint_every": 2, "model": "resnet18",
+                                                    "architecture": "Unet"}),
+                  str(shards), tmp_path / "ft", progress=False)
+    assert ft["step"] == 2 and np.isfinite(ft["val"]["val_mIoU"])
