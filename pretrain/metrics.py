@@ -9,6 +9,8 @@ import math
 import numpy as np
 import torch
 
+from defectforge.data import IGNORE
+
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     """AP of one class: the mean of the precision at the rank of each positive (sklearn's definition).
@@ -59,15 +61,15 @@ class SegMetrics:
         self.hist = torch.zeros(2, bins, dtype=torch.float64, device=device)  # [negative, positive] pixels
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        """probs: (N, C, H, W) class probabilities; target: (N, H, W) class indices (values >= C, the loaders'
-        IGNORE, are left out)."""
+        """probs: (N, C, H, W) class probabilities; target: (N, H, W) class indices (the loaders' IGNORE, 255,
+        left out)."""
         n = len(self.classes)
         if probs.ndim != 4 or probs.shape[1] != n or probs.shape[-2:] != target.shape[-2:]:
             raise ValueError(f"expected probs (N, {n}, H, W) and target (N, H, W), got {tuple(probs.shape)} and "
                              f"{tuple(target.shape)}")
         target = target.to(self.confusion.device).long().flatten()
         pred = probs.argmax(1).to(self.confusion.device).flatten()
-        known = target < n  # IGNORE pixels (a training crop's padding) count nowhere
+        known = target != IGNORE  # a training crop's padding counts nowhere
         target, pred = target[known], pred[known]
         self.confusion += torch.bincount(target * n + pred, minlength=n * n).view(n, n).double()
         defect = (1 - probs[:, 0]).to(self.hist.device).flatten()[known.to(self.hist.device)]
