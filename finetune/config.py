@@ -7,7 +7,7 @@ from typing import Any
 
 from defectforge.config import require, section
 from defectforge.training import TrainingKeys, validate_training_keys
-from pretrain.cutmix import MixConfig
+from pretrain.cutmix import MixConfig, refuse_mixup_on_padding
 from pretrain.segmenter import SegmentationKeys, validate_segmentation_keys
 
 
@@ -79,9 +79,7 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
         require(not (self.synthetic_shards and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
                 self.mixup_alpha, "0 with synthetic_shards (co-training masks may hold ignored pixels, which Mixup "
                 "cannot blend; CutMix can)")
-        require(not (self.small_images == "pad" and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
-                self.mixup_alpha, "0 with small_images: pad (a padded crop's mask holds ignored pixels, which Mixup "
-                "cannot blend; CutMix can), or set small_images: resize")
+        refuse_mixup_on_padding(self)
 
     @property
     def mix(self) -> MixConfig:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from defectforge.config import require, section
 from defectforge.training import TrainingKeys, validate_training_keys
 
-from .cutmix import MixConfig
+from .cutmix import MixConfig, refuse_mixup_on_padding
 from .segmenter import SegmentationKeys, validate_segmentation_keys
 
 OBJECTIVES = ("classification", "segmentation", "mae")
@@ -68,9 +68,7 @@ class PretrainConfig(TrainingKeys, MixConfig, SegmentationKeys):
         if self.objective == "mae":
             require(self.layer_decay is None, "layer_decay", self.layer_decay, "null with objective mae")
         self.mix.validate()
-        require(not (self.small_images == "pad" and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",
-                self.mixup_alpha, "0 with small_images: pad (a padded crop's mask holds ignored pixels, which Mixup "
-                "cannot blend; CutMix can), or set small_images: resize")
+        refuse_mixup_on_padding(self)
 
     @property
     def mix(self) -> MixConfig:

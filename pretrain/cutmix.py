@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from defectforge.config import ConfigError
+from defectforge.config import ConfigError, require
 from defectforge.data import IGNORE
 
 LABEL_MODES = ("area", "mask")
@@ -138,6 +138,13 @@ def _cutmix_boxes(lam: Tensor, height: int, width: int, generator: torch.Generat
     # weight must follow that clipped area, not lam.
     return torch.stack([y0.clamp(0, height), (y0 + cut_h).clamp(0, height),
                         x0.clamp(0, width), (x0 + cut_w).clamp(0, width)], dim=1)
+
+
+def refuse_mixup_on_padding(cfg) -> None:
+    """A config check shared by pretrain and finetune: Mixup cannot blend the ignored pixels of padded crops."""
+    require(not (cfg.small_images == "pad" and cfg.mix.enabled and cfg.mixup_alpha > 0), "mixup_alpha",
+            cfg.mixup_alpha, "0 with small_images: pad (a padded crop's mask holds ignored pixels, which Mixup "
+            "cannot blend; CutMix can), or set small_images: resize")
 
 
 def _paste_masks(boxes: Tensor, height: int, width: int) -> Tensor:
