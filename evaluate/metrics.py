@@ -31,6 +31,31 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
 
 
+def threshold_counts(defect: torch.Tensor, truth: torch.Tensor, thresholds: int, tolerance: int) -> torch.Tensor:
+    """(4, thresholds) float64 counts at each threshold t_k = (k + 0.5) / thresholds of the defect probability
+    map `defect` (H, W) against the bool `truth` (H, W): predicted pixels (defect >= t_k), predicted pixels within
+    `tolerance` px of a true one, true pixels, true pixels within `tolerance` px of a predicted one.
+
+    The same numbers as thresholding `thresholds` times and dilating each prediction, in one pass: the predictions
+    are nested (a higher threshold keeps a subset), each pixel is binned by how many thresholds it reaches and the
+    bins are summed from the top; and a dilated prediction is the threshold of the max-filtered map (a pixel lies
+    within `tolerance` px of a pixel >= t exactly when the window's maximum is >= t).
+    """
+    edges = ((torch.arange(thresholds, dtype=torch.float64) + 0.5) / thresholds).to(defect.dtype)
+    near_truth = dilate(truth, tolerance)
+    reach = torch.bucketize(defect, edges, right=True)  # how many thresholds each pixel reaches, 0..thresholds
+
+    def at_least(index: torch.Tensor) -> torch.Tensor:  # per k: pixels of `index` reaching threshold k
+        hist = torch.bincount(index.reshape(-1), minlength=thresholds + 1).to(torch.float64)
+        return hist.flip(0).cumsum(0).flip(0)[1:]
+
+    peak = defect if tolerance <= 0 else F.max_pool2d(defect[None, None], 2 * tolerance + 1, stride=1,
+                                                      padding=tolerance)[0, 0]
+    return torch.stack([at_least(reach), at_least(reach[near_truth]),
+                        torch.full((thresholds,), float(truth.sum()), dtype=torch.float64),
+                        at_least(torch.bucketize(peak[truth], edges, right=True))])
+
+
 class EvalMetrics:
     def __init__(self, classes: list[str], *, tolerance: int = 2, thresholds: int = 20):
         self.classes, self.tolerance, self.thresholds = list(classes), tolerance, thresholds
@@ -51,14 +76,7 @@ class EvalMetrics:
         self.image_confusion.append((self.seg.confusion - before).long().tolist())
         defect = 1 - probs[0, 0]
         truth = target > 0
-        near_truth = dilate(truth, self.tolerance)
-        counts = torch.zeros(4, self.thresholds, dtype=torch.float64)
-        for k in range(self.thresholds):
-            pred = defect >= (k + 0.5) / self.thresholds
-            counts[0, k] = pred.sum()
-            counts[1, k] = (pred & near_truth).sum()
-            counts[2, k] = truth.sum()
-            counts[3, k] = (truth & dilate(pred, self.tolerance)).sum()
+        counts = threshold_counts(defect, truth, self.thresholds, self.tolerance)
         self.ods += counts
         if truth.any():
             self.ois.append(float(_f1(counts).max()))

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from evaluate.__main__ import main
-from evaluate.metrics import EvalMetrics, accuracy_by_source, miou_difference, miou_from_confusion
+from evaluate.metrics import (
+    EvalMetrics,
+    accuracy_by_source,
+    dilate,
+    miou_difference,
+    miou_from_confusion,
+    threshold_counts,
+)
 from evaluate.run import _prepare
 from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
 
@@ -82,6 +89,25 @@ def test_metrics_match_hand_computed_values_with_and_without_tolerance():
     assert s["per_class"]["background"]["IoU"] == pytest.approx(52 / 64)
     assert s["per_class"]["background"]["precision"] == pytest.approx(52 / 58)
     assert s["image_AP"] != s["image_AP"]  # NaN: every image has a defect, AP undefined
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 2])
+def test_threshold_counts_equal_thresholding_and_dilating_each_prediction(tolerance):
+    """The one-pass counts of ODS/OIS F1 are the per-threshold definition, exactly (values on the edges too)."""
+    g = torch.Generator().manual_seed(tolerance)
+    for trial in range(40):
+        h, w = torch.randint(1, 30, (2,), generator=g).tolist()
+        thresholds = [2, 4, 7, 20][trial % 4]
+        defect = torch.rand(h, w, generator=g)
+        if trial % 2:  # many pixels exactly on a threshold (k + 0.5) / thresholds, and 0 and 1
+            defect = (torch.randint(0, 2 * thresholds + 1, (h, w), generator=g).float() / (2 * thresholds))
+        truth = torch.rand(h, w, generator=g) > 0.7
+        expected = torch.zeros(4, thresholds, dtype=torch.float64)
+        for k in range(thresholds):
+            pred = defect >= (k + 0.5) / thresholds
+            expected[:, k] = torch.tensor([pred.sum(), (pred & dilate(truth, tolerance)).sum(), truth.sum(),
+                                           (truth & dilate(pred, tolerance)).sum()], dtype=torch.float64)
+        assert torch.equal(threshold_counts(defect, truth, thresholds, tolerance), expected), trial
 
 
 def test_per_image_confusions_sum_to_the_dataset_confusion():
