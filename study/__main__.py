@@ -24,14 +24,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_intermixed_args(argv)  # overrides may follow --out
-    from .runner import run_study, summary
+    from .runner import run_study, summary, time_summary
 
     try:
         path = run_study(args.config, args.out, args.overrides)
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
-    for line in summary(path):
+    for line in summary(path) + time_summary(path.parent.parent):
         print(line)
     log.info("report: %s", path)
     print(f"report: {path}")  # the one line a user looks for at the end; stdout for scripts

@@ -8,7 +8,9 @@ Stages, in order, each skipped when its complete outputs exist (an interrupted s
 3. finetune: the grid models x training-set sizes x seeds, each from a pretrain run or from scratch;
 4. evaluate: every fine-tuned model on the target's evaluation split and the 4K scenes, then the report.
 
-Every run gets `study=<name>`, which groups it in W&B.
+Every run gets `study=<name>`, which groups it in W&B. The wall time of every step (each data folder, pretraining,
+fine-tuning and the evaluation) is written to `timings.json` in the study folder as it ends, with the machine it
+ran on, and printed at the end (`time_summary`); a step skipped on a resumed run keeps its earlier measurement.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import logging
 import shlex
 import sys
+import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from defectforge.files import claim_output, write_atomic
@@ -31,7 +35,39 @@ def _done(path: Path) -> bool:
     return path.is_file()
 
 
-def _run_data(plan: StudyPlan, root: Path) -> dict[str, Path]:
+TIMINGS = "timings.json"
+
+
+class StageClock:
+    """Wall seconds of each study step, kept in `root/timings.json` (rewritten whole after every step, so an
+    interrupted study keeps what it measured). Entries: {"stage", "name", "seconds", "measured_at", "machine"}; a
+    step that a resumed run skips keeps its entry from the run that did it, and a step resumed after an
+    interruption records the time of its last part only."""
+
+    def __init__(self, root: Path):
+        from defectforge.precision import cpu_signature
+
+        self.path = root / TIMINGS
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.steps: dict[str, dict] = {f"{e['stage']}/{e['name']}": e for e in old.get("steps", [])}
+        self.machine = cpu_signature()
+
+    @contextmanager
+    def measure(self, stage: str, name: str):
+        start = time.perf_counter()
+        yield
+        self.steps[f"{stage}/{name}"] = {"stage": stage, "name": name,
+                                         "seconds": round(time.perf_counter() - start, 1),
+                                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": self.machine}
+        write_atomic(self.path, json.dumps({"steps": list(self.steps.values())}, indent=2) + "\n")
+
+
+def _measure(clock: StageClock | None, stage: str, name: str):
+    """`clock.measure(stage, name)`, or nothing measured without a clock (a step that has nothing to do)."""
+    return clock.measure(stage, name) if clock is not None else nullcontext()
+
+
+def _run_data(plan: StudyPlan, root: Path, clock: StageClock | None = None) -> dict[str, Path]:
     from synth.generate import generate
     from synth.importer import import_folder
 
@@ -46,18 +82,21 @@ def _run_data(plan: StudyPlan, root: Path) -> dict[str, Path]:
             spec.validate()
         if kind == "synth":
             log.info("[data] %s: generating into %s", key, folder)
-            generate(spec, folder)  # keeps complete shards: a rerun only writes what is missing
+            with _measure(None if _done(folder / "_info.json") else clock, "data", key):
+                generate(spec, folder)  # keeps complete shards: a rerun only writes what is missing
         elif not _done(folder / "_info.json"):
             real: RealTarget = spec
-            log.info("[data] %s: importing %s into %s", key, real.images, folder)
-            import_folder(real.images, real.masks, folder, split_file=real.split_file, classes=list(real.classes),
-                          name=real.name, val_ratio=float(real.val_ratio), mask_mode=real.mask_mode)
+            with _measure(clock, "data", key):
+                log.info("[data] %s: importing %s into %s", key, real.images, folder)
+                import_folder(real.images, real.masks, folder, split_file=real.split_file,
+                              classes=list(real.classes), name=real.name, val_ratio=float(real.val_ratio),
+                              mask_mode=real.mask_mode)
     if plan.diffusion is not None:
-        data["diffusion"] = _run_diffusion(plan.diffusion, data, root)
+        data["diffusion"] = _run_diffusion(plan.diffusion, data, root, clock)
     return data
 
 
-def _run_diffusion(spec: DiffusionPlan, data: dict[str, Path], root: Path) -> Path:
+def _run_diffusion(spec: DiffusionPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> Path:
     """Train the diffusion model on the named folders, then generate its shards; both resume."""
     from synth.generate import generate
     from synth.train_diffusion import train as train_diffusion
@@ -68,16 +107,18 @@ def _run_diffusion(spec: DiffusionPlan, data: dict[str, Path], root: Path) -> Pa
         log.info("[diffusion] model complete, skipped")
     else:
         log.info("[diffusion] training on %s", " + ".join(spec.on))
-        train_diffusion(dataclasses.replace(spec.train, resume="latest"), [str(data[f]) for f in spec.on], run)
+        with _measure(clock, "diffusion", "train"):
+            train_diffusion(dataclasses.replace(spec.train, resume="latest"), [str(data[f]) for f in spec.on], run)
     folder = root / "data" / "diffusion"
     cfg = dataclasses.replace(spec.generate, backend=spec.backend, model_path=str(pipeline))
     cfg.validate()
     log.info("[data] diffusion: generating into %s (backend %s)", folder, cfg.backend)
-    generate(cfg, folder)
+    with _measure(None if _done(folder / "_info.json") else clock, "data", "diffusion"):
+        generate(cfg, folder)
     return folder
 
 
-def _run_pretrain(plan: StudyPlan, data: dict[str, Path], root: Path) -> None:
+def _run_pretrain(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> None:
     from pretrain.train import train as pretrain
 
     for name, (cfg, folders) in plan.pretrain.items():
@@ -87,10 +128,11 @@ def _run_pretrain(plan: StudyPlan, data: dict[str, Path], root: Path) -> None:
             continue
         log.info("[pretrain] %s on %s", name, " + ".join(folders))
         shards = [str(data[f]) for f in folders]
-        pretrain(dataclasses.replace(cfg, resume="latest"), shards[0] if len(shards) == 1 else shards, run)
+        with _measure(clock, "pretrain", name):
+            pretrain(dataclasses.replace(cfg, resume="latest"), shards[0] if len(shards) == 1 else shards, run)
 
 
-def _run_finetune(plan: StudyPlan, data: dict[str, Path], root: Path) -> list[str]:
+def _run_finetune(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> list[str]:
     from finetune.train import train as finetune
 
     runs = []
@@ -101,8 +143,9 @@ def _run_finetune(plan: StudyPlan, data: dict[str, Path], root: Path) -> list[st
             log.info("[finetune] %s: complete, skipped", name)
             continue
         log.info("[finetune] %s (init: %s)", name, init or "scratch")
-        finetune(dataclasses.replace(cfg, resume="latest", init=str(root / "pretrain" / init) if init else None),
-                 str(data["target"]), run)
+        with _measure(clock, "finetune", name):
+            finetune(dataclasses.replace(cfg, resume="latest", init=str(root / "pretrain" / init) if init else None),
+                     str(data["target"]), run)
     return runs
 
 
@@ -129,9 +172,10 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
     claim_output(root, "study")
     write_atomic(root / "study.json", json.dumps({"config": str(config), "overrides": overrides or [],
                                                   "command": shlex.join(sys.argv)}, indent=2) + "\n")
-    data = _run_data(plan, root)
-    _run_pretrain(plan, data, root)
-    runs = _run_finetune(plan, data, root)
+    clock = StageClock(root)
+    data = _run_data(plan, root, clock)
+    _run_pretrain(plan, data, root, clock)
+    runs = _run_finetune(plan, data, root, clock)
     report = root / "report"
     shards = [str(data["target"])] + ([str(data["test_4k"])] if "test_4k" in data else [])
     newest = max((Path(r) / "model.safetensors").stat().st_mtime for r in runs)
@@ -140,8 +184,28 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
         log.info("[evaluate] report is newer than every model, skipped")
         return report / "report.html"
     log.info("[evaluate] %d models on %s", len(runs), ", ".join(shards))
-    return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)],
-                    represent_runs=represent_runs(plan, root))
+    with _measure(clock, "evaluate", "report"):
+        return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)],
+                        represent_runs=represent_runs(plan, root))
+
+
+def time_summary(root: Path) -> list[str]:
+    """The study's wall time per stage from `root/timings.json` (minutes; each step, then the total)."""
+    path = Path(root) / TIMINGS
+    if not path.is_file():
+        return []
+    steps = json.loads(path.read_text()).get("steps", [])
+    if not steps:
+        return []
+    by_stage: dict[str, list[dict]] = {}
+    for e in steps:
+        by_stage.setdefault(e["stage"], []).append(e)
+    parts = [f"{stage} " + " + ".join(f"{e['seconds'] / 60:.1f}" for e in entries)
+             for stage, entries in by_stage.items()]
+    total = sum(e["seconds"] for e in steps)
+    machines = sorted({e.get("machine", "?") for e in steps})
+    return [f"time (min, wall): {'; '.join(parts)}; total {total / 60:.1f} ({TIMINGS}; "
+            f"machine: {' / '.join(machines)})"]
 
 
 def summary(report_html: Path) -> list[str]:

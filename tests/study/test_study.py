@@ -9,7 +9,7 @@ import yaml
 from defectforge.config import ConfigError
 from study.__main__ import main
 from study.config import StudyPlan, load_study
-from study.runner import _run_data, run_study, summary
+from study.runner import _run_data, run_study, summary, time_summary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,9 +124,22 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
 
     import logging
 
+    # the wall time of every step that did work, with the machine
+    timings = json.loads((tmp_path / "study/timings.json").read_text())["steps"]
+    steps = {(e["stage"], e["name"]): e for e in timings}
+    assert set(steps) == {("data", "target"), ("data", "test_4k"), ("data", "pretrain"), ("diffusion", "train"),
+                          ("data", "diffusion"), ("pretrain", "vit"), ("pretrain", "vit-diff"),
+                          ("finetune", "vit-pre-nall-s0"), ("finetune", "vit-diffpre-nall-s0"),
+                          ("finetune", "vit-scratch-nall-s0"), ("finetune", "cnn-nall-s0"), ("evaluate", "report")}
+    assert all(e["seconds"] > 0 and "threads" in e["machine"] for e in timings)
+    (line,) = time_summary(tmp_path / "study")
+    assert line.startswith("time (min, wall): data ") and "; evaluate " in line and "; total " in line
+
     with caplog.at_level(logging.INFO, logger="study"):
         run_study(config, tmp_path / "study")  # everything complete: every stage is skipped
     assert caplog.text.count("complete, skipped") == 7 and "report is newer" in caplog.text  # 2 + 4 runs, diffusion
+    # a skipped step keeps the time measured when it ran
+    assert json.loads((tmp_path / "study/timings.json").read_text())["steps"] == timings
 
 
 def test_study_errors_name_the_problem_before_any_work(tmp_path, monkeypatch, caplog):
