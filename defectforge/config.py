@@ -84,6 +84,36 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _through_list(config: Any, dotted: str) -> bool:
+    """Whether the dotted key passes through a list of `config` (its next part must then be an index)."""
+    node = config
+    for part in dotted.split(".")[:-1]:
+        if OmegaConf.is_list(node):
+            return True
+        if not OmegaConf.is_dict(node) or part not in node:
+            return False
+        node = node[part]
+    return OmegaConf.is_list(node)
+
+
+def _set_indexed(config: Any, dotted: str, value: Any) -> None:
+    """Set a dotted key that indexes into a list (`finetune.0.overrides.lr`), naming the list's length when the
+    index is not one of its items."""
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if OmegaConf.is_list(node):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:i])
+                raise ConfigError(f"override '{dotted}': '{where}' is a list of {len(node)} item(s), so the part "
+                                  f"after it must be an index from 0 to {len(node) - 1}, not '{part}'")
+            node = node[int(part)]
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node[part]
+        else:
+            break
+    OmegaConf.update(config, dotted, value, merge=True)
+
+
 def _replace_maps(node: Any, raw: dict) -> None:
     """Let a mapping given in a file or an override replace the default mapping instead of merging into it
     (a config that lists `surfaces: {metal: 1}` means metal only, not metal plus every default)."""
@@ -114,16 +144,20 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     over = dict(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
     _unbool(raw, schema)
     _unbool(over, schema)
-    over_tree: dict[str, Any] = {}
-    for key, value in over.items():
+    for key in over:
         _check_keys({key.split(".")[0]: None}, schema, "override")
-        _set_dotted(over_tree, key, value)
     try:
         merged = OmegaConf.structured(schema)
         _replace_maps(merged, raw)
         merged = OmegaConf.merge(merged, OmegaConf.create(raw))
         where = "override"
         _replace_maps(merged, {k: v for k, v in over.items() if "." not in k})
+        over_tree: dict[str, Any] = {}
+        for key, value in over.items():
+            if _through_list(merged, key):  # `finetune.0.overrides.lr=...`: an item of a list, by its index
+                _set_indexed(merged, key, value)
+            else:
+                _set_dotted(over_tree, key, value)
         merged = OmegaConf.merge(merged, OmegaConf.create(over_tree))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

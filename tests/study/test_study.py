@@ -250,6 +250,14 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     assert "resnet18-unet-n20-s1" in plan.finetune and plan.finetune["resnet18-unet-n20-s1"][0].train_samples == 20
     with pytest.raises(ConfigError, match="train_samples"):
         load_study("configs/study/quickstart.yaml", ["train_samples=[0]"])
+    # an item of a list by its index: one fine-tuning entry's rate, the others untouched
+    plan = load_study("configs/study/quickstart.yaml", ["finetune.1.overrides.lr=2.0e-4"])
+    assert [cfg.lr for cfg, _ in plan.finetune.values()] == [3.0e-4, 2.0e-4, 1.0e-3]
+    for bad, match in (("finetune.3.overrides.lr=1", "'finetune' is a list of 3 item.*from 0 to 2, not '3'"),
+                       ("finetune.x.overrides.lr=1", "not 'x'"), ("finetune.0.nosuch=1", "nosuch"),
+                       ("finetune.0.overrides.nosuch=1", "unknown key 'nosuch'")):
+        with pytest.raises(ConfigError, match=match):
+            load_study("configs/study/quickstart.yaml", [bad])
 
 
 def test_pretraining_data_drawn_on_the_targets_own_training_images(tmp_path):
