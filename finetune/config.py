@@ -24,6 +24,8 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
     init: str | None = None  # pretrain run folder, its model.safetensors, or a local timm weights file
     class_map: dict[str, Any] | None = None  # {target class: source class(es)}: init head rows, synthetic_shards
     freeze: int | None = None  # freeze the stem/patch embedding and the first `freeze` blocks or stages
+    # e.g. 0.75: the encoder's rate scaled by layer_decay**(blocks or stages from the top); decoder and head at lr
+    layer_decay: float | None = None
     # data (and the TrainingKeys' train_split, num_workers, ...)
     val_split: str | None = "val"  # never the reported split: import train/test data with --val-ratio, or null
     train_samples: int | None = None  # a deterministic subset of the training split (same seed, same subset)
@@ -68,6 +70,8 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
         require(self.synthetic_shards is None or 1 <= round(self.synthetic_ratio * self.batch_size) < self.batch_size,
                 "synthetic_ratio", self.synthetic_ratio,
                 f"a share that leaves at least one synthetic and one target sample in a batch of {self.batch_size}")
+        require(self.layer_decay is None or (isinstance(self.layer_decay, int | float) and 0 < self.layer_decay <= 1),
+                "layer_decay", self.layer_decay, "null or a number in (0, 1]")
         require(self.freeze is None or self.freeze >= 0, "freeze", self.freeze,
                 "null or an integer >= 0 (0 = stem/patch embedding only)")
         require(self.train_samples is None or self.train_samples >= 1, "train_samples", self.train_samples,

@@ -137,18 +137,41 @@ def transfer_head(model: Segmenter, file_sd: dict[str, torch.Tensor], saved: dic
     return {"decoder_loaded": sorted(to_load), "reinitialised": reinit, "classes": classes}
 
 
-def freeze(model: Segmenter, k: int, resolved: str) -> list[str]:
-    """Freeze the stem / patch embedding and the first `k` blocks or stages of the encoder; returns their names.
-
-    Blocks and stages are timm's coarse parameter groups (``group_matcher(coarse=True)``): group 0 is the stem
-    (patch embedding, class token, position embedding), then one group per ViT block or CNN stage.
-    """
+def encoder_groups(model: Segmenter, resolved: str, key: str) -> list[list[tuple[str, nn.Parameter]]]:
+    """The encoder's parameters in timm's coarse groups (``group_matcher(coarse=True)``), from the input up: group
+    0 is the stem (patch embedding, class token, position embedding), then one group per ViT block or CNN stage.
+    `key` names the config key that needs them in the error for a model without a group matcher."""
     probe = probe_model(resolved)
     if probe is None or not callable(getattr(probe, "group_matcher", None)):
-        raise ValueError(f"freeze: {resolved} has no timm group_matcher, so its blocks cannot be named")
+        raise ValueError(f"{key}: {resolved} has no timm group_matcher, so its blocks cannot be named")
     named = [(_UNFLAT.sub(r"\1.\2.", name, count=1), (name, p)) for name, p in model.encoder.named_parameters()]
     groups = group_with_matcher(iter(named), probe.group_matcher(coarse=True), return_values=True)
-    ordered = [groups[g] for g in sorted(groups)]
+    return [groups[g] for g in sorted(groups)]
+
+
+def layer_decay_groups(model: Segmenter, resolved: str, lr: float, weight_decay: float,
+                       decay: float) -> list[dict]:
+    """AdamW groups with layer-wise rate decay (BEiT, MAE): the decoder and head at `lr`, the encoder's last
+    block or stage that reaches the output at `lr * decay`, the one below at `lr * decay**2`, ... the stem at
+    `lr * decay**n`; weight decay as everywhere (none on biases and 1-d parameters). Frozen and unused parameters
+    are left out (unused top groups, such as a ViT's final norm under DPT, do not count as depth)."""
+    ordered = encoder_groups(model, resolved, "layer_decay")
+    while ordered and not any(p.requires_grad for _, p in ordered[-1]):  # e.g. a ViT's final norm, unused by DPT
+        ordered.pop()
+    scale = {id(p): decay ** (len(ordered) - i) for i, group in enumerate(ordered) for _, p in group}
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            no_decay = p.ndim <= 1 or name.endswith(".bias")
+            buckets.setdefault((scale.get(id(p), 1.0), no_decay), []).append(p)
+    return [{"params": params, "lr": lr * s, "weight_decay": 0.0 if no_decay else weight_decay}
+            for (s, no_decay), params in sorted(buckets.items(), key=lambda kv: kv[0])]
+
+
+def freeze(model: Segmenter, k: int, resolved: str) -> list[str]:
+    """Freeze the stem / patch embedding and the first `k` blocks or stages of the encoder (`encoder_groups`);
+    returns their names."""
+    ordered = encoder_groups(model, resolved, "freeze")
     if k >= len(ordered):
         raise ValueError(f"freeze={k}: the {resolved} encoder has a stem and {len(ordered) - 1} more parameter groups "
                          f"(blocks or stages); freeze at most {len(ordered) - 1}")

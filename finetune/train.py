@@ -30,7 +30,7 @@ from pretrain.segmenter import SegLoss, Segmenter, auto_class_weights, build_seg
 from pretrain.train import mixed_batch
 
 from .config import FinetuneConfig
-from .models import class_lut, freeze, init_pretraining, load_init
+from .models import class_lut, freeze, init_pretraining, layer_decay_groups, load_init
 
 log = logging.getLogger("finetune")
 PANEL_SIDE = 256
@@ -164,6 +164,15 @@ class FinetuneTask(Task):
         self.criterion = SegLoss(cfg, len(classes), weights).to(acc.device)
         self.aug, self.mix = build_augment(cfg.augment, (cfg.crop_size, cfg.crop_size)), cfg.mix
         return model
+
+    def param_groups(self, model: Segmenter) -> list[dict]:
+        if self.cfg.layer_decay is None:
+            return super().param_groups(model)
+        groups = layer_decay_groups(model, self.mcfg["model"], self.cfg.lr, self.cfg.weight_decay,
+                                    self.cfg.layer_decay)
+        log.info("layer_decay=%s: %d parameter groups, rates %.2g to %.2g", self.cfg.layer_decay, len(groups),
+                 min(g["lr"] for g in groups), max(g["lr"] for g in groups))
+        return groups
 
     def loader(self, run: Run, epoch: int, batches: int):
         cfg = self.cfg

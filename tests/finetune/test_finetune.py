@@ -11,7 +11,7 @@ import torch
 from defectforge.config import ConfigError, load_config
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
-from finetune.models import freeze, load_init
+from finetune.models import freeze, layer_decay_groups, load_init
 from finetune.train import select_subset, train
 from pretrain.config import PretrainConfig
 from pretrain.metrics import SegMetrics
@@ -131,6 +131,29 @@ def test_training_reads_only_the_subset_and_saves_a_loadable_model(shards, tmp_p
     model, mcfg = load_segmenter(tmp_path)
     with torch.no_grad():
         assert model(torch.rand(1, 3, 100, 70)).shape == (1, len(mcfg["classes"]), 100, 70)
+
+
+def test_layer_decay_gives_each_encoder_block_its_rate_and_the_decoder_the_full_rate(shards, tmp_path):
+    cfg = config(model="vit_tiny", encoder_kwargs=SMALL_VIT, layer_decay=0.5, lr=1e-3, freeze=0)
+    model, mcfg = build_segmenter(cfg, CLASSES)
+    freeze(model, 0, mcfg["model"])  # the patch embedding: frozen, so in no group
+    groups = layer_decay_groups(model, mcfg["model"], 1e-3, 0.01, 0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(lr_of) == sorted(id(p) for p in trainable)  # every trainable tensor once, no frozen one
+    blocks = model.encoder.blocks
+    depth = len(blocks)  # stem + one group per block: the last block decay**1, block 0 decay**depth
+    assert lr_of[id(blocks[-1].mlp.fc1.weight)] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(blocks[0].mlp.fc1.weight)] == pytest.approx(1e-3 * 0.5 ** depth)
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in model.net.decoder.parameters() if p.requires_grad)
+    assert id(model.encoder.patch_embed.proj.weight) not in lr_of
+    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim <= 1 for p in g["params"]))
+    with pytest.raises(ConfigError, match="layer_decay"):
+        config(layer_decay=1.5)
+    # a short run with it trains and saves
+    train(config(model="vit_tiny", encoder_kwargs=SMALL_VIT, layer_decay=0.75, val_split=None), str(shards),
+          tmp_path / "run", progress=False)
+    assert (tmp_path / "run/model.safetensors").is_file()
 
 
 def test_freeze_and_architecture_errors_name_the_problem(shards, tmp_path, caplog):
