@@ -48,8 +48,12 @@ class StageClock:
         from defectforge.precision import cpu_signature
 
         self.path = root / TIMINGS
-        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.steps: dict[str, dict] = {f"{e['stage']}/{e['name']}": e for e in old.get("steps", [])}
+        self.steps: dict[str, dict] = {}
+        if self.path.is_file():
+            try:
+                self.steps = {f"{e['stage']}/{e['name']}": e for e in json.loads(self.path.read_text())["steps"]}
+            except (ValueError, KeyError, TypeError) as err:  # damaged: the earlier times are lost, not the study
+                log.warning("%s is not a timings file (%s): the earlier steps' times are dropped", self.path, err)
         self.machine = cpu_signature()
 
     @contextmanager

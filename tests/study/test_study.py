@@ -140,6 +140,10 @@ def test_a_tiny_study_runs_every_stage_writes_every_report_section_and_resumes(t
     assert caplog.text.count("complete, skipped") == 7 and "report is newer" in caplog.text  # 2 + 4 runs, diffusion
     # a skipped step keeps the time measured when it ran
     assert json.loads((tmp_path / "study/timings.json").read_text())["steps"] == timings
+    (tmp_path / "study/timings.json").write_text("{not json")  # damaged: warned, the study still runs
+    with caplog.at_level(logging.WARNING, logger="study"):
+        run_study(config, tmp_path / "study")
+    assert "is not a timings file" in caplog.text
 
 
 def test_study_errors_name_the_problem_before_any_work(tmp_path, monkeypatch, caplog):
