@@ -24,11 +24,18 @@ import torch.nn.functional as F
 from pretrain.metrics import SegMetrics, average_precision
 
 
+def max_filter(values: torch.Tensor, radius: int) -> torch.Tensor:
+    """Float (H, W): each pixel's maximum over the (2 * radius + 1)^2 square around it (the image only)."""
+    if radius <= 0:
+        return values
+    return F.max_pool2d(values[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Bool (H, W): the pixels within `radius` px (chessboard distance) of a True pixel of `mask`."""
     if radius <= 0:
         return mask
-    return F.max_pool2d(mask[None, None].float(), 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0
+    return max_filter(mask.float(), radius) > 0
 
 
 def threshold_counts(defect: torch.Tensor, truth: torch.Tensor, thresholds: int, tolerance: int) -> torch.Tensor:
@@ -49,8 +56,7 @@ def threshold_counts(defect: torch.Tensor, truth: torch.Tensor, thresholds: int,
         hist = torch.bincount(index.reshape(-1), minlength=thresholds + 1).to(torch.float64)
         return hist.flip(0).cumsum(0).flip(0)[1:]
 
-    peak = defect if tolerance <= 0 else F.max_pool2d(defect[None, None], 2 * tolerance + 1, stride=1,
-                                                      padding=tolerance)[0, 0]
+    peak = max_filter(defect, tolerance)
     return torch.stack([at_least(reach), at_least(reach[near_truth]),
                         torch.full((thresholds,), float(truth.sum()), dtype=torch.float64),
                         at_least(torch.bucketize(peak[truth], edges, right=True))])
