@@ -67,6 +67,7 @@ from defectforge.config import load_config
 from defectforge.data import train_loader
 from defectforge.precision import prefers_channels_last, resolve_mixed_precision
 from defectforge.tracking import read_metrics
+from defectforge.training import adamw
 from pretrain.config import PretrainConfig
 from pretrain.segmenter import SegLoss, build_segmenter
 from pretrain.train import build_mae, build_model, mae_param_groups, param_groups, train
@@ -153,7 +154,7 @@ def bare_rate(cfg: PretrainConfig, classes: list[str], steps: int, warmup: int) 
     bf16 = resolve_mixed_precision(cfg.mixed_precision)[0] == "bf16"
     if prefers_channels_last(net):
         net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    optimizer = adamw(groups, cfg.lr)  # the loop's optimizer, so both sides do the same work
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

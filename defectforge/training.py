@@ -1,8 +1,8 @@
 """The one training skeleton: the keys every training command shares, their checks, and `run_task`.
 
 Pretraining, fine-tuning and diffusion training each supply a `Task` (the model, batch -> losses, validation,
-what to export); `run_task` owns the rest: the run folder (`Run`), AdamW with warmup + cosine, Accelerate's
-`prepare`, `torch.compile`, EMA, resume, the NaN stop, logging, checkpoints and the final export.
+what to export); `run_task` owns the rest: the run folder (`Run`), AdamW (fused where torch has it) with warmup +
+cosine, Accelerate's `prepare`, `torch.compile`, EMA, resume, the NaN stop, logging, checkpoints and the final export.
 """
 
 from __future__ import annotations
@@ -26,6 +26,19 @@ from .precision import prefers_channels_last
 from .reader import damage_found
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+
+def adamw(groups: Iterable, lr: float) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the fused kernel for the parameters' device (CPU since torch 2.4, CUDA):
+    one pass over every tensor instead of the default foreach implementation's pass per operation. Same update
+    (tests/test_training.py). Measured on the 2-vCPU AMD EPYC with AVX-512 (family 25 model 17, torch
+    2.14.1, 2 threads; docs/scaling.md "Fused AdamW"): 23-30 -> 6 ms per step for ViT-Tiny + DPT, 45-50 -> 10 ms
+    for the ResNet-18 U-Net. Where the fused kernel is refused (an older torch, another device) the default."""
+    groups = list(groups)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(groups, lr=lr)
 
 
 def validate_training_keys(cfg) -> None:
@@ -174,7 +187,7 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
         net = net.to(memory_format=torch.channels_last)
     run.note_info(precision={**run.precision, "channels_last": channels_last})
     run.note_damage()
-    optimizer = torch.optim.AdamW(task.param_groups(net), lr=cfg.lr)
+    optimizer = adamw(task.param_groups(net), cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     model, optimizer = acc.prepare(torch.compile(net) if cfg.compile else net, optimizer)
     ema = ModelEmaV3(acc.unwrap_model(model, keep_torch_compile=False), decay=cfg.ema_decay) if cfg.ema else None

@@ -113,14 +113,15 @@ class InferenceTimer:
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, repeats: int,
-                     warmup: int) -> dict[str, InferenceTimer]:
+                     warmup: int, warm: dict[str, Callable[[], None]] | None = None) -> dict[str, InferenceTimer]:
     """Time every entry of `runs` in alternation: `warmup` untimed rounds, then `repeats` timed rounds, each
-    round calling A, B, C, ... once, so that a slow phase of a shared machine falls on every model alike."""
+    round calling A, B, C, ... once, so that a slow phase of a shared machine falls on every model alike.
+    `warm` gives, per entry, what its untimed rounds call instead (a cheaper call of the same shapes)."""
     timers = {name: InferenceTimer(device) for name in runs}
     with torch.no_grad():
         for _ in range(warmup):
-            for once in runs.values():
-                once()
+            for name, once in runs.items():
+                (warm or {}).get(name, once)()
         for _ in range(repeats):
             for name, once in runs.items():
                 with timers[name].measure():

@@ -26,7 +26,7 @@ from .interpret import interpret_model
 from .metrics import EvalMetrics, accuracy_by_source, seam_counts, seam_summary
 from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, RuntimeResult, judge_learned
 from .runtimes import EXPORTED, find_export, load_runtime, parse_runtime, require_package
-from .tiling import seam_mask, tile_grid, tiled_logits
+from .tiling import seam_mask, tile_grid, tiled_logits, warmup_strip
 
 log = logging.getLogger("evaluate")
 
@@ -219,17 +219,23 @@ def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, devic
     image, source = speed_image(images, cfg.speed_size, cfg.seed)
     accumulate = "cpu" if cfg.accumulate == "host" else device
     inputs = {m.result.name: _prepare(image, m.mean, m.std, device) for m in loaded}
+    # the untimed rounds run on a strip of the image holding one batch of tiles: the same shapes, a few tiles
+    strips = {k: warmup_strip(x, cfg.tile_size, cfg.overlap, cfg.tile_batch) for k, x in inputs.items()}
 
-    def runner(m: Loaded, name: str):
-        return lambda: tiled_logits(m.runtimes[name], inputs[m.result.name], tile=cfg.tile_size, overlap=cfg.overlap,
+    def runner(m: Loaded, name: str, source: dict[str, torch.Tensor] = inputs):
+        return lambda: tiled_logits(m.runtimes[name], source[m.result.name], tile=cfg.tile_size, overlap=cfg.overlap,
                                     blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
 
-    timers = time_interleaved({(m.result.name, r): runner(m, r) for m in loaded for r in m.runtimes}, device,
-                              repeats=cfg.repeats, warmup=cfg.warmup)
+    entries = [(m, r) for m in loaded for r in m.runtimes]
+    timers = time_interleaved({(m.result.name, r): runner(m, r) for m, r in entries}, device,
+                              repeats=cfg.repeats, warmup=cfg.warmup,
+                              warm={(m.result.name, r): runner(m, r, strips) for m, r in entries})
     h, w = image.shape[-2:]
     tiles = len(tile_grid(h, w, cfg.tile_size, cfg.overlap))
-    where = f"{source}; {len(loaded)} model(s) timed in alternation, {cfg.warmup} warm-up round(s), " \
-            f"{cfg.repeats} timed round(s)"
+    sh, sw = next(iter(strips.values())).shape[-2:]
+    where = f"{source}; {len(loaded)} model(s) timed in alternation, {cfg.warmup} warm-up round(s)" + \
+        (f" on its top {sw}x{sh} ({len(tile_grid(sh, sw, cfg.tile_size, cfg.overlap))} tiles)"
+         if cfg.warmup and (sh, sw) != (h, w) else "") + f", {cfg.repeats} timed round(s)"
     for m in loaded:
         timing = timers[(m.result.name, "torch")].summary(tiles, (h, w), where)
         m.result.cost = Cost(parameters=parameters(m.model), gflops_per_tile=gflops(m.model, cfg.tile_size, device),

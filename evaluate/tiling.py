@@ -33,6 +33,22 @@ def tile_grid(height: int, width: int, tile: int, overlap: float) -> list[tuple[
     return [(y, x, th, tw) for y in tile_starts(height, th, overlap) for x in tile_starts(width, tw, overlap)]
 
 
+def warmup_strip(image: torch.Tensor, tile: int, overlap: float, batch: int) -> torch.Tensor:
+    """The top of `image` (..., H, W) that holds one full batch of `batch` tiles of `tile` px and no more: tiled
+    like the whole image (the same tile and batch shapes, the same blending), to warm a model up before it is
+    timed on `image` at a fraction of a whole pass (8 of the 45 tiles of a 4K image at 512 px, 10 %). The whole
+    image when it has at most two batches of tiles."""
+    h, w = image.shape[-2:]
+    if len(tile_grid(h, w, tile, overlap)) <= 2 * batch:
+        return image
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    if len(xs) >= batch:  # one row of tiles, `batch` wide: its own grid is exactly those tiles
+        return image[..., :th, :xs[batch - 1] + tw]
+    rows = math.ceil(batch / len(xs))
+    return image[..., :ys[rows - 1] + th, :]
+
+
 def blend_window(h: int, w: int, blend: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """(h, w) weights: Gaussian (sigma = side / 8, as MONAI's default), pyramid (distance to the border), or ones.
 

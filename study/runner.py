@@ -61,7 +61,7 @@ class StageClock:
         start = time.perf_counter()
         yield
         self.steps[f"{stage}/{name}"] = {"stage": stage, "name": name,
-                                         "seconds": round(time.perf_counter() - start, 1),
+                                         "seconds": round(time.perf_counter() - start, 3),
                                          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": self.machine}
         write_atomic(self.path, json.dumps({"steps": list(self.steps.values())}, indent=2) + "\n")
 

@@ -13,6 +13,7 @@ from evaluate.cost import time_interleaved
 from evaluate.metrics import EvalMetrics, mean_difference, miou_from_confusion, seam_summary
 from evaluate.records import Accuracy, Cost, Interpretability, ModelCard, ModelResult, Timing, judge_learned
 from evaluate.run import Loaded, seam_errors, time_models
+from evaluate.tiling import tile_grid, tiled_logits, warmup_strip
 
 
 def _confusions(accuracy: list[float], pixels: int = 400) -> list:
@@ -226,6 +227,30 @@ def test_models_are_timed_in_alternation_and_the_spread_is_reported():
     timers = time_interleaved({"p": lambda: order.append("p"), "q": lambda: order.append("q")},
                               torch.device("cpu"), repeats=2, warmup=0)
     assert order == ["p", "q", "p", "q"] and len(timers["q"].times) == 2
+    order.clear()  # warm-up rounds call the cheaper `warm` entry where there is one, and are not timed
+    timers = time_interleaved({"p": lambda: order.append("p"), "q": lambda: order.append("q")},
+                              torch.device("cpu"), repeats=1, warmup=2, warm={"p": lambda: order.append("p-strip")})
+    assert order == ["p-strip", "q", "p-strip", "q", "p", "q"] and len(timers["p"].times) == 1
+
+
+def test_warm_up_runs_on_a_strip_with_one_batch_of_the_timed_tiles():
+    calls: list[tuple] = []
+
+    class Shapes(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(tuple(x.shape))
+            return x[:, :2]
+
+    image = torch.rand(1, 3, 2160, 3840)
+    strip = warmup_strip(image, 512, 0.1, 8)
+    assert strip.shape[-2:] == (512, 512 + 7 * 460) and torch.equal(strip, image[..., :512, :strip.shape[-1]])
+    assert len(tile_grid(2160, 3840, 512, 0.1)) == 45 and len(tile_grid(*strip.shape[-2:], 512, 0.1)) == 8
+    tiled_logits(Shapes(), strip, tile=512, overlap=0.1, batch=8)
+    assert calls == [(8, 3, 512, 512)]  # one full batch: the shape most of the whole image's batches have
+    tall = torch.rand(1, 3, 4000, 1200)  # three tiles a row: three rows hold a batch of 8
+    assert warmup_strip(tall, 512, 0.1, 8).shape[-2:] == (512 + 2 * 460, 1200)
+    small = torch.rand(1, 3, 700, 900)  # four tiles: the whole image
+    assert warmup_strip(small, 512, 0.1, 8) is small
 
 
 def test_speed_claim_uses_medians_and_is_inconclusive_when_the_spreads_overlap():
