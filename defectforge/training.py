@@ -22,10 +22,8 @@ from .augment import AugmentConfig
 from .config import require, section
 from .data import SMALL_IMAGES
 from .loop import Run, last_checkpoint, lr_factor
-from .precision import prefers_channels_last
+from .precision import MIXED_PRECISION, prefers_channels_last
 from .reader import damage_found
-
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
 def adamw(groups: Iterable, lr: float) -> torch.optim.AdamW:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from defectforge.config import require
+from defectforge.precision import MIXED_PRECISION
 
 from .runtimes import parse_runtime
 from .tiling import BLENDS
@@ -29,9 +30,13 @@ class EvalConfig:
     tile_batch: int = 8
     accumulate: str = "device"  # device | host: where the stitched logits live
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    # inference precision of every pass (accuracy, seams, timing): auto = bf16 (or fp16) autocast on a GPU; on a
+    # CPU bf16 where the machine's measurement (as for training) found it >= 1.2x faster, else fp32; no = fp32
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     # each runtime is timed and its accuracy measured; eager torch is always measured too, as the reference
     runtime: Any = "torch"  # one or a list of torch / compile / bf16 / onnxruntime[-fp16/-int8] / openvino[-...]
-    runtime_tolerance: float = 0.005  # mIoU change from eager fp32 within which a runtime counts for speed claims
+    # mIoU change from eager (`torch` at mixed_precision) within which a runtime counts for speed claims
+    runtime_tolerance: float = 0.005
     whole_image: bool = False  # also time each model on the whole 4K image at once, for comparison
     # data
     split: str | None = None  # null: test, else val, else the last split of each shard folder
@@ -88,6 +93,8 @@ class EvalConfig:
         require(self.accumulate in ("device", "host"), "accumulate", self.accumulate, "'device' or 'host'")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 self.device, "auto, cpu, cuda or cuda:N")
+        require(self.mixed_precision in MIXED_PRECISION, "mixed_precision", self.mixed_precision,
+                f"one of {', '.join(MIXED_PRECISION)} (no = fp32)")
         require(isinstance(self.allow_damaged, bool), "allow_damaged", self.allow_damaged, "true or false")
         require(self.max_images is None or self.max_images >= 1, "max_images", self.max_images, "null or >= 1")
         require(0 <= self.tolerance <= 32, "tolerance", self.tolerance, "an integer in [0, 32]")

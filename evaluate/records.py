@@ -184,12 +184,14 @@ class Evaluation:
     commands: list[str] = field(default_factory=list)
     data_damage: dict | None = None  # with allow_damaged: {"skipped_samples": N, "problems": [...]}
     represent: dict | None = None  # with represent: true, what evaluate/represent_run.py measured
+    # inference precision: {"asked", "used" (no/bf16/fp16), and for auto on a CPU the measurement behind it}
+    precision: dict | None = None
 
     def to_dict(self) -> dict:
         return {"config": dataclasses.asdict(self.config), "classes": self.classes, "sources": self.sources,
                 "images": self.images, "device": self.device, "results": [r.to_dict() for r in self.results],
                 "claims": [dataclasses.asdict(c) for c in self.claims], "commands": self.commands,
-                "data_damage": self.data_damage, "represent": self.represent}
+                "data_damage": self.data_damage, "represent": self.represent, "precision": self.precision}
 
 
 def judge_learned(metrics: Accuracy, floor: float) -> Learned:

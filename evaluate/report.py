@@ -337,6 +337,20 @@ def _interpret_section(doc: Doc, results: list[ModelResult], cfg: EvalConfig, ma
                   "defect outline")
 
 
+def precision_note(precision: dict | None) -> str:
+    """How the tiled passes ran: "fp32", or "bf16 autocast (mixed_precision=auto: measured 1.94x fp32 on this
+    CPU)"."""
+    if not precision:
+        return "fp32"
+    used = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(precision.get("used"), "fp32")
+    if precision.get("asked") != "auto":
+        return f"{used} (mixed_precision={precision.get('asked')})"
+    if "bf16_speedup" in precision:
+        return (f"{used} (mixed_precision=auto: bf16 measured {precision['bf16_speedup']:.2f}x fp32 on this CPU, "
+                f"used from {precision.get('min_speedup', 1.2)}x)")
+    return f"{used} (mixed_precision=auto on {precision.get('device', 'this device')})"
+
+
 def _damage_note(damage: dict | None) -> str:
     """The data line's account of damaged data left out (allow_damaged); empty when everything was read."""
     if not damage:
@@ -350,7 +364,8 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
     results, cfg = evaluation.results, evaluation.config
     doc = Doc(out)
     doc.para(f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} on {machine()}; device "
-             f"{evaluation.device}. Data: {evaluation.images} images from {', '.join(evaluation.sources)}; classes "
+             f"{evaluation.device}, {precision_note(evaluation.precision)}. Data: {evaluation.images} images from "
+             f"{', '.join(evaluation.sources)}; classes "
              f"{', '.join(evaluation.classes)}. Tiles {cfg.tile_size} px, overlap {cfg.overlap:.0%}, "
              f"{cfg.blend} blending. Speed: median of {cfg.repeats} timed runs per model on "
              f"{cfg.speed_size[1]}x{cfg.speed_size[0]} images ({results[0].cost.tiled.source})."

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from defectforge.files import claim_output, write_atomic
+from defectforge.precision import autocast_dtype, prefers_channels_last, resolve_mixed_precision
 from defectforge.reader import SKIP_RECORD, allow_damaged, damage_found, make_dataset, read_location_info
 from pretrain.hub import NONE, SYNTHETIC
 from pretrain.models import model_family
@@ -25,7 +26,7 @@ from .export import confusion, miou
 from .interpret import interpret_model
 from .metrics import EvalMetrics, accuracy_by_source, seam_counts, seam_summary
 from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, RuntimeResult, judge_learned
-from .runtimes import EXPORTED, find_export, load_runtime, parse_runtime, require_package
+from .runtimes import EXPORTED, Autocast, find_export, load_runtime, parse_runtime, require_package
 from .tiling import seam_mask, tile_grid, tiled_logits, warmup_strip
 
 log = logging.getLogger("evaluate")
@@ -135,22 +136,36 @@ class Loaded:
             self.accuracy = {"torch": (float("nan"), float("nan"))}
 
 
-def _load(run_dir: Path, classes: list[str], device: torch.device) -> tuple[torch.nn.Module, dict, torch.Tensor,
-                                                                              torch.Tensor]:
+def resolve_precision(cfg: EvalConfig, device: torch.device) -> dict:
+    """The inference precision of this evaluation on `device` and how it was chosen (results.json "precision"):
+    `mixed_precision: auto` is decided as for training (defectforge/precision.py), on the evaluation's device."""
+    used, info = resolve_mixed_precision(cfg.mixed_precision, device.type)
+    return {**info, "used": used}
+
+
+def _load(run_dir: Path, classes: list[str], device: torch.device, precision: str = "no",
+          ) -> tuple[torch.nn.Module, torch.nn.Module, dict, torch.Tensor, torch.Tensor]:
+    """The model (eval mode, on `device`; convolutional networks in channels_last, as in training), the callable
+    every tiled pass runs (the model under autocast when `precision` is bf16 or fp16), its config, mean and std."""
     model, mcfg = load_segmenter(run_dir)
     if mcfg["classes"] != classes:
         raise ValueError(f"model {run_dir} was trained on classes {mcfg['classes']} but the evaluation shards have "
                          f"{classes}: evaluate it on data with the same classes (in the same order)")
     model.to(device).eval()
+    if prefers_channels_last(model):
+        model.to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision)
+    runner = Autocast(model, dtype) if dtype is not None else model
     mean = torch.tensor(mcfg["mean"], device=device).view(1, -1, 1, 1)
     std = torch.tensor(mcfg["std"], device=device).view(1, -1, 1, 1)
-    return model, mcfg, mean, std
+    return model, runner, mcfg, mean, std
 
 
 def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: EvalConfig, device: torch.device,
-                   overlay_keys: set[str], progress: bool = True) -> tuple[Loaded, dict]:
-    """Accuracy (with the overlap-0 seam pass on tiled images) and interpretability of one run; no timing."""
-    model, mcfg, mean, std = _load(run_dir, classes, device)
+                   overlay_keys: set[str], progress: bool = True, precision: str = "no") -> tuple[Loaded, dict]:
+    """Accuracy (with the overlap-0 seam pass on tiled images) and interpretability of one run; no timing. The
+    tiled passes run at `precision` (an Accelerate mixed_precision value), the interpretability maps in fp32."""
+    model, runner, mcfg, mean, std = _load(run_dir, classes, device, precision)
     accumulate = "cpu" if cfg.accumulate == "host" else device
     metrics = EvalMetrics(classes, tolerance=cfg.tolerance, thresholds=cfg.thresholds)
     no_overlap, tiled_images = torch.zeros(4, dtype=torch.float64), 0
@@ -160,13 +175,13 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     for sample in tqdm(images, desc=run_dir.name, disable=not progress):
         x = _prepare(sample["image"], mean, std, device)
         h, w = x.shape[-2:]
-        probs = tiled_logits(model, x, overlap=cfg.overlap, **tiling).softmax(1)
+        probs = tiled_logits(runner, x, overlap=cfg.overlap, **tiling).softmax(1)
         tiled = len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1
         eager += confusion(probs[0].argmax(0).cpu(), sample["mask"], len(classes))
         metrics.update(probs, sample["mask"], seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band)
                        if tiled else None)
         if tiled and cfg.overlap > 0:  # the same model without overlap: only the seam metric, only tiled images
-            no_overlap += seam_errors(model, x, sample["mask"], overlap=0.0, band=cfg.seam_band, **tiling)
+            no_overlap += seam_errors(runner, x, sample["mask"], overlap=0.0, band=cfg.seam_band, **tiling)
             tiled_images += 1
         if sample["key"] in overlay_keys:
             predictions[sample["key"]] = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
@@ -184,7 +199,7 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
                                                         cfg.interpret_images)
     log.info("%s: mIoU %.4f, defect mIoU %.4f%s", run_dir.name, accuracy.mIoU, accuracy.defect_mIoU,
              "" if result.learned.learned else f" - did not learn ({result.learned.reason})")
-    loaded = Loaded(model, mean, std, result, {"torch": model}, {"torch": (miou(eager), miou(eager))})
+    loaded = Loaded(model, mean, std, result, {"torch": runner}, {"torch": (miou(eager), miou(eager))})
     for name in cfg.runtimes[1:]:
         loaded.runtimes[name] = load_runtime(model, run_dir, name, cfg.tile_size)
         loaded.accuracy[name] = (runtime_miou(loaded.runtimes[name], images, classes, cfg, mean, std, device,
@@ -249,7 +264,7 @@ def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, devic
         kept = [r for r in m.result.cost.runtimes.values() if r.within_tolerance]
         m.result.cost.deployed = min(kept, key=lambda r: r.tiled.seconds_per_image).runtime
         if cfg.whole_image:
-            m.result.cost.whole = _time_whole(m.model, inputs[m.result.name], cfg)
+            m.result.cost.whole = _time_whole(m.runtimes["torch"], inputs[m.result.name], cfg)
         log.info("%s: %s s per %dx%d image (median of %d, IQR %.2f-%.2f)", m.result.name,
                  f"{timing.seconds_per_image:.2f}", h, w, len(timing.seconds_all), timing.seconds_q1,
                  timing.seconds_q3)
@@ -280,7 +295,7 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
              commands: list[str] | None = None, represent_runs: list[str] | None = None) -> Path:
     """Evaluate every run in `models` on `shards`, write results.json and the report; returns report.html.
     With `represent: true` the measures of how the models see also take `represent_runs` (pretrain runs)."""
-    from .report import write_report
+    from .report import precision_note, write_report
 
     device = resolve_device(cfg.device)
     runs = [Path(m) for m in models]
@@ -295,9 +310,11 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     damage = damage_found()
     by_size = sorted(images, key=lambda s: -s["image"].shape[-1] * s["image"].shape[-2])
     overlay_keys = {s["key"] for s in by_size[:cfg.overlays]}
+    precision = resolve_precision(cfg, device)
+    log.info("inference precision: %s", precision_note(precision))
     loaded, predictions, maps = [], {}, {}
     for run in runs:
-        entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress)
+        entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress, precision["used"])
         loaded.append(entry)
         predictions[entry.result.name] = extra["predictions"]
         maps[entry.result.name] = extra["maps"]
@@ -306,6 +323,7 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     rep, rep_maps, rep_claims = _represent(cfg, runs, represent_runs or [], images, results) if cfg.represent \
         else (None, {}, [])
     evaluation = Evaluation(config=cfg, classes=classes, sources=sources, images=len(images), device=str(device),
+                            precision=precision,
                             results=results, claims=decide_claims(results, cfg.claim_margin, cfg.overlap) + rep_claims,
                             commands=commands or [], data_damage=damage, represent=rep)
     write_atomic(out / "results.json", json.dumps(evaluation.to_dict(), indent=2, default=float) + "\n")

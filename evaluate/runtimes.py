@@ -101,15 +101,16 @@ class ExportedModel:
         return torch.from_numpy(np.asarray(out, dtype=np.float32))[..., :h, :w]
 
 
-class Bf16(torch.nn.Module):
-    """The eager model under CPU/CUDA bf16 autocast, returning fp32 logits."""
+class Autocast(torch.nn.Module):
+    """The eager model under CPU/CUDA autocast to `dtype` (bf16 by default), returning fp32 logits."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.model = model
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=self.dtype):
             return self.model(x).float()
 
 
@@ -121,6 +122,6 @@ def load_runtime(model: torch.nn.Module, run_dir: str | Path, runtime: str, tile
     if base == "compile":
         return torch.compile(model, dynamic=False)
     if base == "bf16":
-        return Bf16(model)
+        return Autocast(model)
     require_package(base, f"runtime {runtime}")
     return ExportedModel(find_export(run_dir, EXPORTED[base], dtype, tile))

@@ -155,9 +155,10 @@ def test_evaluate_run_measures_each_runtime_and_the_claims_use_the_fastest_withi
     from evaluate.config import EvalConfig
     from evaluate.run import evaluate
 
+    # fp32 eager as the reference: an exported fp32 model must match it (not a bf16 pass on a bf16 CPU)
     cfg = load_config(EvalConfig, None, {"wandb": False, "tile_size": TILE, "speed_size": [64, 96], "repeats": 2,
                                          "warmup": 0, "interpret_images": 0, "overlays": 0,
-                                         "runtime": ["onnxruntime", "bf16"]})
+                                         "runtime": ["onnxruntime", "bf16"], "mixed_precision": "no"})
     assert cfg.runtimes == ["torch", "onnxruntime", "bf16"]
     evaluate(cfg, [str(runs["cnn"]), str(runs["vit"])], [str(shards)], tmp_path / "report", progress=False)
     results = json.loads((tmp_path / "report/results.json").read_text())["results"]

@@ -196,3 +196,53 @@ def test_run_errors_name_the_problem_and_the_old_study_command_points_to_the_new
     assert "moved to `python -m study CONFIG" in caplog.text
     assert "python -m study configs/study/quickstart.yaml 'seeds=[0,1]'" in caplog.text
     assert not list(tmp_path.glob("r*"))  # nothing ran
+
+
+def test_inference_precision_follows_the_machines_measurement_and_cnns_run_channels_last(tmp_path, monkeypatch):
+    """`mixed_precision: auto` takes the CPU's measured choice (as training does), explicit values are kept, the tiled
+    passes run the model under that autocast with fp32 logits, and a CNN is evaluated in channels_last."""
+    from defectforge import precision
+    from defectforge.config import ConfigError, load_config
+    from evaluate.config import EvalConfig
+    from evaluate.report import precision_note
+    from evaluate.run import _load, resolve_precision
+    from evaluate.runtimes import Autocast
+    from finetune.config import FinetuneConfig
+    from pretrain.segmenter import build_segmenter, save_segmenter
+
+    classes = ["background", "crack", "pit"]
+    torch.manual_seed(0)
+    model, mcfg = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "model": "resnet18",
+                                                                   "architecture": "Unet"}), classes)
+    save_segmenter(model.eval(), tmp_path / "unet", mcfg)
+    cpu = torch.device("cpu")
+    auto = load_config(EvalConfig, None, {})
+    for measured, speedup in (("bf16", 1.9), ("no", 0.1)):
+        monkeypatch.setattr(precision, "cpu_choice", lambda m=measured, s=speedup: {
+            "used": m, "bf16_speedup": s, "min_speedup": 1.2, "source": "test"})
+        got = resolve_precision(auto, cpu)
+        assert got["asked"] == "auto" and got["used"] == measured and got["bf16_speedup"] == speedup
+    assert "bf16 autocast (mixed_precision=auto: bf16 measured 1.90x" in precision_note(
+        {"asked": "auto", "used": "bf16", "bf16_speedup": 1.9, "min_speedup": 1.2})
+
+    def unmeasured():
+        raise AssertionError("an explicit mixed_precision must not measure the CPU")
+
+    monkeypatch.setattr(precision, "cpu_choice", unmeasured)
+    fp32 = load_config(EvalConfig, None, {"mixed_precision": "no"})
+    assert resolve_precision(fp32, cpu) == {"asked": "no", "used": "no"}
+    assert precision_note(resolve_precision(fp32, cpu)) == "fp32 (mixed_precision=no)"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(EvalConfig, None, {"mixed_precision": "fp8"})
+
+    net, runner, _, mean, std = _load(tmp_path / "unet", classes, cpu, "bf16")
+    assert isinstance(runner, Autocast) and runner.model is net and runner.dtype == torch.bfloat16
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in net.parameters() if p.dim() == 4)
+    net32, runner32, *_ = _load(tmp_path / "unet", classes, cpu, "no")
+    assert runner32 is net32
+    x = _prepare(torch.rand(3, 64, 96), mean, std, cpu)
+    low = tiled_logits(runner, x, tile=64, overlap=0.25, batch=4)
+    full = tiled_logits(runner32, x, tile=64, overlap=0.25, batch=4)
+    assert low.dtype == full.dtype == torch.float32 and low.shape == full.shape == (1, 3, 64, 96)
+    assert not torch.equal(low, full)  # bf16 did run
+    assert (low - full).abs().max() <= 0.05 * full.abs().max() + 1e-3
