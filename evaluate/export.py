@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from defectforge.reader import make_dataset, read_location_info
+from pretrain.metrics import class_argmax
 from pretrain.segmenter import load_segmenter
 
 from .runtimes import DTYPES, ExportedModel, export_dir, require_package
@@ -133,7 +134,7 @@ def parity(model: torch.nn.Module, exported: ExportedModel, tiles: list[tuple[to
         diff = (ref - out).abs()
         max_diff, total_diff, values = max(max_diff, float(diff.max())), total_diff + float(diff.sum()), \
             values + diff.numel()
-        p_ref, p_out = ref[0].argmax(0), out[0].argmax(0)
+        p_ref, p_out = class_argmax(ref[0], 0), class_argmax(out[0], 0)
         agree += confusion(p_out, p_ref, k)
         truth_eager += confusion(p_ref, mask, k)
         truth_exported += confusion(p_out, mask, k)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.metrics import SegMetrics, average_precision
+from pretrain.metrics import SegMetrics, average_precision, class_argmax
 
 
 def max_filter(values: torch.Tensor, radius: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ class EvalMetrics:
         self.image_scores.append(float(defect.max()))
         self.image_labels.append(int(truth.any()))
         if seams is not None:
-            self.seam += seam_counts(probs[0].argmax(0), target, seams)
+            self.seam += seam_counts(class_argmax(probs[0], 0), target, seams)
 
     def compute(self) -> dict:
         seg = self.seg.compute()

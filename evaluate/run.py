@@ -16,6 +16,7 @@ from defectforge.files import claim_output, write_atomic
 from defectforge.precision import autocast_dtype, prefers_channels_last, resolve_mixed_precision
 from defectforge.reader import SKIP_RECORD, allow_damaged, damage_found, make_dataset, read_location_info
 from pretrain.hub import NONE, SYNTHETIC
+from pretrain.metrics import class_argmax
 from pretrain.models import model_family
 from pretrain.segmenter import load_segmenter
 
@@ -117,7 +118,7 @@ def seam_errors(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, *
     """`seam_counts` of `model` tiled with `overlap` on one normalised image (its seams: that grid's inner edges)."""
     h, w = x.shape[-2:]
     logits = tiled_logits(model, x, tile=tile, overlap=overlap, blend=blend, batch=batch, accumulate=accumulate)
-    return seam_counts(logits[0].argmax(0), target, seam_mask(h, w, tile, overlap, band))
+    return seam_counts(class_argmax(logits[0], 0), target, seam_mask(h, w, tile, overlap, band))
 
 
 @dataclass
@@ -177,14 +178,15 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
         h, w = x.shape[-2:]
         probs = tiled_logits(runner, x, overlap=cfg.overlap, **tiling).softmax(1)
         tiled = len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1
-        eager += confusion(probs[0].argmax(0).cpu(), sample["mask"], len(classes))
+        pred = class_argmax(probs[0], 0).cpu()
+        eager += confusion(pred, sample["mask"], len(classes))
         metrics.update(probs, sample["mask"], seam_mask(h, w, cfg.tile_size, cfg.overlap, cfg.seam_band)
                        if tiled else None)
         if tiled and cfg.overlap > 0:  # the same model without overlap: only the seam metric, only tiled images
             no_overlap += seam_errors(runner, x, sample["mask"], overlap=0.0, band=cfg.seam_band, **tiling)
             tiled_images += 1
         if sample["key"] in overlay_keys:
-            predictions[sample["key"]] = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
+            predictions[sample["key"]] = pred.to(torch.uint8).numpy()
     accuracy = Accuracy(**metrics.compute())
     accuracy.seam_error_no_overlap, accuracy.non_seam_error_no_overlap, accuracy.seam_ratio_no_overlap = \
         seam_summary(no_overlap)
@@ -215,7 +217,7 @@ def runtime_miou(runner, images: list[dict], classes: list[str], cfg: EvalConfig
     for sample in images:
         x = _prepare(sample["image"], mean, std, device)
         logits = tiled_logits(runner, x, overlap=cfg.overlap, **tiling)
-        conf += confusion(logits[0].argmax(0).cpu(), sample["mask"], len(classes))
+        conf += confusion(class_argmax(logits[0], 0).cpu(), sample["mask"], len(classes))
     return miou(conf)
 
 

@@ -22,6 +22,7 @@ import torch
 
 from defectforge.config import require
 from defectforge.files import claim_output, write_atomic
+from pretrain.metrics import class_argmax
 from pretrain.segmenter import load_segmenter
 
 from .cost import _rss_kb, quartiles
@@ -259,7 +260,7 @@ def stream(run_dir: str | Path, source: str, out: str | Path, cfg: StreamConfig,
         x = (torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255 - mean) / std
         logits = tiled_logits(runner, x, tile=cfg.tile_size, overlap=cfg.overlap, blend=cfg.blend,
                               batch=cfg.tile_batch)
-        mask = logits[0].argmax(0).to(torch.uint8).numpy()
+        mask = class_argmax(logits[0], 0).to(torch.uint8).numpy()
         t1 = time.perf_counter()
         infer.append(t1 - t0)
         latency.append(t1 - decoded_at)

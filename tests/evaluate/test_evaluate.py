@@ -246,3 +246,16 @@ def test_inference_precision_follows_the_machines_measurement_and_cnns_run_chann
     assert low.dtype == full.dtype == torch.float32 and low.shape == full.shape == (1, 3, 64, 96)
     assert not torch.equal(low, full)  # bf16 did run
     assert (low - full).abs().max() <= 0.05 * full.abs().max() + 1e-3
+
+
+def test_class_argmax_equals_torch_argmax_also_on_ties():
+    """The contiguous-memory argmax over the class axis gives torch's indices, the first maximum on ties."""
+    from pretrain.metrics import class_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (2, 5, 96, 128), generator=gen).float()  # integer scores: many ties
+    assert torch.equal(class_argmax(scores, 1), scores.argmax(1))
+    assert torch.equal(class_argmax(scores[0], 0), scores[0].argmax(0))
+    assert torch.equal(class_argmax(scores.transpose(0, 1)[:, :1], 0), scores.transpose(0, 1)[:, :1].argmax(0))
+    small = torch.rand(1, 3, 4, 4, generator=gen)
+    assert torch.equal(class_argmax(small), small.argmax(1))
