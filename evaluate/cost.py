@@ -113,19 +113,24 @@ class InferenceTimer:
 
 
 def time_interleaved(runs: dict[str, Callable[[], None]], device: torch.device, *, repeats: int,
-                     warmup: int, warm: dict[str, Callable[[], None]] | None = None) -> dict[str, InferenceTimer]:
-    """Time every entry of `runs` in alternation: `warmup` untimed rounds, then `repeats` timed rounds, each
-    round calling A, B, C, ... once, so that a slow phase of a shared machine falls on every model alike.
-    `warm` gives, per entry, what its untimed rounds call instead (a cheaper call of the same shapes)."""
-    timers = {name: InferenceTimer(device) for name in runs}
+                     warmup: int, warm: dict[str, Callable[[], None]] | None = None,
+                     timers: dict[str, InferenceTimer] | None = None) -> dict[str, InferenceTimer]:
+    """Time every entry of `runs` in alternation: `warmup` untimed rounds, then timed rounds, each calling A, B,
+    C, ... once, until every entry has `repeats` timed runs, so that a slow phase of a shared machine falls on every
+    model alike. `warm` gives, per entry, what its untimed rounds call instead (a cheaper call of the same shapes).
+    `timers` holds runs an entry already had, timed the same way (evaluate: the accuracy pass over the timed image,
+    its first round); such an entry is warm and gets that many fewer rounds."""
+    timers = {name: (timers or {}).get(name) or InferenceTimer(device) for name in runs}
     with torch.no_grad():
         for _ in range(warmup):
             for name, once in runs.items():
-                (warm or {}).get(name, once)()
+                if not timers[name].times:
+                    (warm or {}).get(name, once)()
         for _ in range(repeats):
             for name, once in runs.items():
-                with timers[name].measure():
-                    once()
+                if len(timers[name].times) < repeats:
+                    with timers[name].measure():
+                        once()
     return timers
 
 

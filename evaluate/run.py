@@ -22,7 +22,7 @@ from pretrain.segmenter import load_segmenter
 
 from .claims import decide_claims
 from .config import EvalConfig
-from .cost import gflops, parameters, time_inference, time_interleaved
+from .cost import InferenceTimer, gflops, parameters, time_inference, time_interleaved
 from .export import confusion, miou
 from .interpret import interpret_model
 from .metrics import EvalMetrics, accuracy_by_source, seam_counts, seam_summary
@@ -78,6 +78,11 @@ def _prepare(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device:
     return (image - mean) / std
 
 
+def speed_key(images: list[dict], size: list[int]) -> str | None:
+    """The key of the first evaluation image of `size` (the timed image), or None."""
+    return next((s["key"] for s in images if list(s["image"].shape[-2:]) == list(size)), None)
+
+
 def speed_image(images: list[dict], size: list[int], seed: int) -> tuple[torch.Tensor, str]:
     """A 4K image to time: the first evaluation image of `size`, else a procedural scene rendered here."""
     for sample in images:
@@ -130,6 +135,7 @@ class Loaded:
     result: ModelResult
     runtimes: dict = dataclasses.field(default_factory=dict)  # runtime name -> callable (torch: the model)
     accuracy: dict = dataclasses.field(default_factory=dict)  # runtime name -> (mIoU, eager mIoU)
+    timed: InferenceTimer | None = None  # the accuracy pass over the timed image, timed: the first timed round
 
     def __post_init__(self) -> None:
         if not self.runtimes:  # eager PyTorch only
@@ -163,9 +169,12 @@ def _load(run_dir: Path, classes: list[str], device: torch.device, precision: st
 
 
 def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: EvalConfig, device: torch.device,
-                   overlay_keys: set[str], progress: bool = True, precision: str = "no") -> tuple[Loaded, dict]:
-    """Accuracy (with the overlap-0 seam pass on tiled images) and interpretability of one run; no timing. The
-    tiled passes run at `precision` (an Accelerate mixed_precision value), the interpretability maps in fp32."""
+                   overlay_keys: set[str], progress: bool = True, precision: str = "no",
+                   timed_key: str | None = None) -> tuple[Loaded, dict]:
+    """Accuracy (with the overlap-0 seam pass on tiled images) and interpretability of one run. The tiled passes
+    run at `precision` (an Accelerate mixed_precision value), the interpretability maps in fp32. The accuracy pass
+    over the image keyed `timed_key` (the timed image), after `cfg.warmup` untimed passes over its warm-up strip,
+    is timed as `time_models` times it: the model's first timed round (`Loaded.timed`)."""
     model, runner, mcfg, mean, std = _load(run_dir, classes, device, precision)
     accumulate = "cpu" if cfg.accumulate == "host" else device
     metrics = EvalMetrics(classes, tolerance=cfg.tolerance, thresholds=cfg.thresholds)
@@ -173,10 +182,21 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     predictions: dict[str, np.ndarray] = {}
     eager = torch.zeros(len(classes), len(classes), dtype=torch.long)  # argmax confusion, for the runtimes' change
     tiling = dict(tile=cfg.tile_size, blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
+    timed = None
     for sample in tqdm(images, desc=run_dir.name, disable=not progress):
         x = _prepare(sample["image"], mean, std, device)
         h, w = x.shape[-2:]
-        probs = tiled_logits(runner, x, overlap=cfg.overlap, **tiling).softmax(1)
+        if sample["key"] == timed_key:
+            strip = warmup_strip(x, cfg.tile_size, cfg.overlap, cfg.tile_batch)
+            for _ in range(cfg.warmup):
+                tiled_logits(runner, strip, overlap=cfg.overlap, **tiling)
+            timed = InferenceTimer(device)
+            with timed.measure():
+                logits = tiled_logits(runner, x, overlap=cfg.overlap, **tiling)
+        else:
+            logits = tiled_logits(runner, x, overlap=cfg.overlap, **tiling)
+        probs = logits.softmax(1)
+        del logits
         tiled = len(tile_grid(h, w, cfg.tile_size, cfg.overlap)) > 1
         pred = class_argmax(probs[0], 0).cpu()
         eager += confusion(pred, sample["mask"], len(classes))
@@ -201,7 +221,7 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
                                                         cfg.interpret_images)
     log.info("%s: mIoU %.4f, defect mIoU %.4f%s", run_dir.name, accuracy.mIoU, accuracy.defect_mIoU,
              "" if result.learned.learned else f" - did not learn ({result.learned.reason})")
-    loaded = Loaded(model, mean, std, result, {"torch": runner}, {"torch": (miou(eager), miou(eager))})
+    loaded = Loaded(model, mean, std, result, {"torch": runner}, {"torch": (miou(eager), miou(eager))}, timed)
     for name in cfg.runtimes[1:]:
         loaded.runtimes[name] = load_runtime(model, run_dir, name, cfg.tile_size)
         loaded.accuracy[name] = (runtime_miou(loaded.runtimes[name], images, classes, cfg, mean, std, device,
@@ -244,15 +264,17 @@ def time_models(loaded: list[Loaded], images: list[dict], cfg: EvalConfig, devic
                                     blend=cfg.blend, batch=cfg.tile_batch, accumulate=accumulate)
 
     entries = [(m, r) for m in loaded for r in m.runtimes]
+    seeded = {(m.result.name, "torch"): m.timed for m in loaded if m.timed is not None}
     timers = time_interleaved({(m.result.name, r): runner(m, r) for m, r in entries}, device,
                               repeats=cfg.repeats, warmup=cfg.warmup,
-                              warm={(m.result.name, r): runner(m, r, strips) for m, r in entries})
+                              warm={(m.result.name, r): runner(m, r, strips) for m, r in entries}, timers=seeded)
     h, w = image.shape[-2:]
     tiles = len(tile_grid(h, w, cfg.tile_size, cfg.overlap))
     sh, sw = next(iter(strips.values())).shape[-2:]
     where = f"{source}; {len(loaded)} model(s) timed in alternation, {cfg.warmup} warm-up round(s)" + \
         (f" on its top {sw}x{sh} ({len(tile_grid(sh, sw, cfg.tile_size, cfg.overlap))} tiles)"
-         if cfg.warmup and (sh, sw) != (h, w) else "") + f", {cfg.repeats} timed round(s)"
+         if cfg.warmup and (sh, sw) != (h, w) else "") + f", {cfg.repeats} timed round(s)" + \
+        (", the first of them each model's accuracy pass over this image" if seeded else "")
     for m in loaded:
         timing = timers[(m.result.name, "torch")].summary(tiles, (h, w), where)
         m.result.cost = Cost(parameters=parameters(m.model), gflops_per_tile=gflops(m.model, cfg.tile_size, device),
@@ -315,8 +337,10 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     precision = resolve_precision(cfg, device)
     log.info("inference precision: %s", precision_note(precision))
     loaded, predictions, maps = [], {}, {}
+    timed_key = speed_key(images, cfg.speed_size)
     for run in runs:
-        entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress, precision["used"])
+        entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress, precision["used"],
+                                      timed_key)
         loaded.append(entry)
         predictions[entry.result.name] = extra["predictions"]
         maps[entry.result.name] = extra["maps"]

@@ -9,7 +9,7 @@ import torch
 
 from evaluate.claims import decide_claims
 from evaluate.config import EvalConfig
-from evaluate.cost import time_interleaved
+from evaluate.cost import InferenceTimer, time_interleaved
 from evaluate.metrics import EvalMetrics, mean_difference, miou_from_confusion, seam_summary
 from evaluate.records import Accuracy, Cost, Interpretability, ModelCard, ModelResult, Timing, judge_learned
 from evaluate.run import Loaded, seam_errors, time_models
@@ -231,6 +231,38 @@ def test_models_are_timed_in_alternation_and_the_spread_is_reported():
     timers = time_interleaved({"p": lambda: order.append("p"), "q": lambda: order.append("q")},
                               torch.device("cpu"), repeats=1, warmup=2, warm={"p": lambda: order.append("p-strip")})
     assert order == ["p-strip", "q", "p-strip", "q", "p", "q"] and len(timers["p"].times) == 1
+
+
+def test_the_accuracy_pass_over_the_timed_image_is_each_models_first_timed_round():
+    """An entry that comes with a timed run (evaluate: its accuracy pass over the timed image) is warm: no warm-up
+    round, one timed round fewer, and its earlier run counts among its `repeats`; the others alternate as before."""
+    cpu = torch.device("cpu")
+    seeded = InferenceTimer(cpu)
+    with seeded.measure():
+        pass
+    order: list[str] = []
+    timers = time_interleaved({"p": lambda: order.append("p"), "q": lambda: order.append("q")}, cpu, repeats=2,
+                              warmup=1, timers={"p": seeded})
+    assert order == ["q", "p", "q", "q"] and timers["p"] is seeded
+    assert len(timers["p"].times) == len(timers["q"].times) == 2
+    calls: list[str] = []
+    cfg = EvalConfig(tile_size=128, speed_size=[64, 64], repeats=3, warmup=1, wandb=False)
+    loaded = []
+    for name in ("a", "b"):
+        card = ModelCard(name=name, run=name, model=name, architecture=None, family="CNN")
+        acc = _accuracy(_confusions([0.8]))
+        first = InferenceTimer(cpu)
+        with first.measure():
+            pass
+        loaded.append(Loaded(Recorder(name, calls).eval(), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1),
+                             ModelResult(card=card, metrics=acc, learned=judge_learned(acc, 0.05)), timed=first))
+    images = [{"image": torch.rand(3, 64, 64), "mask": torch.zeros(64, 64, dtype=torch.long), "key": "x/0"}]
+    time_models(loaded, images, cfg, cpu)
+    assert calls == ["a", "b"] * (cfg.repeats - 1)
+    for m in loaded:
+        t = m.result.cost.tiled
+        assert t.rounds == 3 and t.seconds_all[0] == m.timed.times[0]
+        assert "the first of them each model's accuracy pass over this image" in t.source
 
 
 def test_warm_up_runs_on_a_strip_with_one_batch_of_the_timed_tiles():

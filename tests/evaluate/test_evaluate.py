@@ -198,6 +198,41 @@ def test_run_errors_name_the_problem_and_the_old_study_command_points_to_the_new
     assert not list(tmp_path.glob("r*"))  # nothing ran
 
 
+def _tiny_unet(folder: Path) -> list[str]:
+    """A saved ResNet-18 U-Net run (random weights) for three classes; returns the classes."""
+    from defectforge.config import load_config
+    from finetune.config import FinetuneConfig
+    from pretrain.segmenter import build_segmenter, save_segmenter
+
+    classes = ["background", "crack", "pit"]
+    torch.manual_seed(0)
+    model, mcfg = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "model": "resnet18",
+                                                                   "architecture": "Unet"}), classes)
+    save_segmenter(model.eval(), folder, mcfg)
+    return classes
+
+
+def test_the_accuracy_pass_over_the_timed_image_is_timed_after_its_warm_up(tmp_path):
+    """`evaluate_model` times its pass over the image keyed `timed_key` (the first of that model's timed rounds)
+    and no other; `speed_key` finds the first evaluation image of the timed size."""
+    from defectforge.config import load_config
+    from evaluate.config import EvalConfig
+    from evaluate.run import evaluate_model, speed_key
+
+    classes = _tiny_unet(tmp_path / "unet")
+    images = [{"image": torch.rand(3, 48, 48), "mask": torch.zeros(48, 48, dtype=torch.long), "key": "t/0"},
+              {"image": torch.rand(3, 64, 96), "mask": torch.zeros(64, 96, dtype=torch.long), "key": "s/0"}]
+    assert speed_key(images, [64, 96]) == "s/0" and speed_key(images, [2160, 3840]) is None
+    cfg = load_config(EvalConfig, None, {"tile_size": 64, "speed_size": [64, 96], "warmup": 1, "wandb": False,
+                                         "interpret_images": 0, "mixed_precision": "no"})
+    cpu = torch.device("cpu")
+    timed, _ = evaluate_model(tmp_path / "unet", images, classes, cfg, cpu, set(), False, "no", "s/0")
+    assert len(timed.timed.times) == len(timed.timed.memory) == 1 and timed.timed.times[0] > 0
+    untimed, _ = evaluate_model(tmp_path / "unet", images, classes, cfg, cpu, set(), False, "no", None)
+    assert untimed.timed is None
+    assert timed.result.metrics.mIoU == untimed.result.metrics.mIoU  # timing changes nothing measured
+
+
 def test_inference_precision_follows_the_machines_measurement_and_cnns_run_channels_last(tmp_path, monkeypatch):
     """`mixed_precision: auto` takes the CPU's measured choice (as training does), explicit values are kept, the tiled
     passes run the model under that autocast with fp32 logits, and a CNN is evaluated in channels_last."""
@@ -207,14 +242,8 @@ def test_inference_precision_follows_the_machines_measurement_and_cnns_run_chann
     from evaluate.report import precision_note
     from evaluate.run import _load, resolve_precision
     from evaluate.runtimes import Autocast
-    from finetune.config import FinetuneConfig
-    from pretrain.segmenter import build_segmenter, save_segmenter
 
-    classes = ["background", "crack", "pit"]
-    torch.manual_seed(0)
-    model, mcfg = build_segmenter(load_config(FinetuneConfig, None, {"crop_size": 64, "model": "resnet18",
-                                                                   "architecture": "Unet"}), classes)
-    save_segmenter(model.eval(), tmp_path / "unet", mcfg)
+    classes = _tiny_unet(tmp_path / "unet")
     cpu = torch.device("cpu")
     auto = load_config(EvalConfig, None, {})
     for measured, speedup in (("bf16", 1.9), ("no", 0.1)):
