@@ -113,13 +113,13 @@ def _cost_claims(results: list[ModelResult]) -> list[Claim]:
     if not cnns or not vits:
         return [Claim("CNNs are faster / lighter on 4K images", "not measured", "needs at least one CNN and one ViT",
                       names)]
-    # speed: each model in its fastest runtime whose mIoU stayed within runtime_tolerance of eager fp32
+    # speed: each model in its fastest runtime whose mIoU stayed within runtime_tolerance of eager torch
     c = min(cnns, key=lambda r: r.cost.fastest.seconds_per_image)
     v = min(vits, key=lambda r: r.cost.fastest.seconds_per_image)
     fc, fv = c.cost.fastest, v.cost.fastest
     speed = Claim("CNNs are faster on 4K images (claimed 0.3 vs 2.1 s)", _order(fc.seconds_all, fv.seconds_all),
                   f"fastest CNN {c.name} ({c.cost.deployed}) {_spread(fc)}; fastest ViT {v.name} ({v.cost.deployed}) "
-                  f"{_spread(fv)}; each in its fastest runtime within runtime_tolerance of eager fp32; timed in "
+                  f"{_spread(fv)}; each in its fastest runtime within runtime_tolerance of eager torch; timed in "
                   "alternation, the order counts when the interquartile ranges do not overlap", names)
     c = min(cnns, key=lambda r: r.cost.tiled.seconds_per_image)  # memory: eager PyTorch, as before
     v = min(vits, key=lambda r: r.cost.tiled.seconds_per_image)

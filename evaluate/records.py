@@ -136,7 +136,7 @@ class Cost:
     tiled: Timing  # eager PyTorch fp32 (runtime torch), always measured: the reference of every other runtime
     whole: dict[str, Any] | None = None  # timing of the whole image at once, or {"error": ...}
     runtimes: dict[str, RuntimeResult] = field(default_factory=dict)  # every runtime measured, torch included
-    deployed: str = "torch"  # the fastest runtime whose mIoU stayed within runtime_tolerance of eager fp32
+    deployed: str = "torch"  # the fastest runtime whose mIoU stayed within runtime_tolerance of eager torch
 
     @property
     def fastest(self) -> Timing:

@@ -221,7 +221,7 @@ def _source_table(doc: Doc, results: list[ModelResult]) -> None:
 
 
 def _runtime_table(doc: Doc, results: list[ModelResult], cfg: EvalConfig) -> None:
-    """One column per runtime measured: s / 4K image and the mIoU change from eager fp32."""
+    """One column per runtime measured: s / 4K image and the mIoU change from eager torch (at mixed_precision)."""
     names = list(dict.fromkeys(n for r in results for n in r.cost.runtimes))
     if len(names) <= 1:
         return
