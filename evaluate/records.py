@@ -133,7 +133,7 @@ class RuntimeResult:
 class Cost:
     parameters: int
     gflops_per_tile: float
-    tiled: Timing  # eager PyTorch fp32 (runtime torch), always measured: the reference of every other runtime
+    tiled: Timing  # eager PyTorch (runtime torch, at mixed_precision), always measured: every runtime's reference
     whole: dict[str, Any] | None = None  # timing of the whole image at once, or {"error": ...}
     runtimes: dict[str, RuntimeResult] = field(default_factory=dict)  # every runtime measured, torch included
     deployed: str = "torch"  # the fastest runtime whose mIoU stayed within runtime_tolerance of eager torch

@@ -78,16 +78,16 @@ def _prepare(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device:
     return (image - mean) / std
 
 
-def speed_key(images: list[dict], size: list[int]) -> str | None:
-    """The key of the first evaluation image of `size` (the timed image), or None."""
-    return next((s["key"] for s in images if list(s["image"].shape[-2:]) == list(size)), None)
+def speed_sample(images: list[dict], size: list[int]) -> dict | None:
+    """The first evaluation image of `size` (the timed image), or None."""
+    return next((s for s in images if list(s["image"].shape[-2:]) == list(size)), None)
 
 
 def speed_image(images: list[dict], size: list[int], seed: int) -> tuple[torch.Tensor, str]:
     """A 4K image to time: the first evaluation image of `size`, else a procedural scene rendered here."""
-    for sample in images:
-        if list(sample["image"].shape[-2:]) == list(size):
-            return sample["image"], f"evaluation image {sample['key']}"
+    sample = speed_sample(images, size)
+    if sample is not None:
+        return sample["image"], f"evaluation image {sample['key']}"
     from defectforge.config import load_config
     from synth.compose import SynthConfig, render_sample
 
@@ -146,8 +146,7 @@ class Loaded:
 def resolve_precision(cfg: EvalConfig, device: torch.device) -> dict:
     """The inference precision of this evaluation on `device` and how it was chosen (results.json "precision"):
     `mixed_precision: auto` is decided as for training (defectforge/precision.py), on the evaluation's device."""
-    used, info = resolve_mixed_precision(cfg.mixed_precision, device.type)
-    return {**info, "used": used}
+    return resolve_mixed_precision(cfg.mixed_precision, device.type)[1]
 
 
 def _load(run_dir: Path, classes: list[str], device: torch.device, precision: str = "no",
@@ -337,7 +336,7 @@ def evaluate(cfg: EvalConfig, models: list[str], shards: list[str], out: str | P
     precision = resolve_precision(cfg, device)
     log.info("inference precision: %s", precision_note(precision))
     loaded, predictions, maps = [], {}, {}
-    timed_key = speed_key(images, cfg.speed_size)
+    timed_key = (speed_sample(images, cfg.speed_size) or {}).get("key")
     for run in runs:
         entry, extra = evaluate_model(run, images, classes, cfg, device, overlay_keys, progress, precision["used"],
                                       timed_key)

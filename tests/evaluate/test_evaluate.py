@@ -214,15 +214,15 @@ def _tiny_unet(folder: Path) -> list[str]:
 
 def test_the_accuracy_pass_over_the_timed_image_is_timed_after_its_warm_up(tmp_path):
     """`evaluate_model` times its pass over the image keyed `timed_key` (the first of that model's timed rounds)
-    and no other; `speed_key` finds the first evaluation image of the timed size."""
+    and no other; `speed_sample` finds the first evaluation image of the timed size."""
     from defectforge.config import load_config
     from evaluate.config import EvalConfig
-    from evaluate.run import evaluate_model, speed_key
+    from evaluate.run import evaluate_model, speed_sample
 
     classes = _tiny_unet(tmp_path / "unet")
     images = [{"image": torch.rand(3, 48, 48), "mask": torch.zeros(48, 48, dtype=torch.long), "key": "t/0"},
               {"image": torch.rand(3, 64, 96), "mask": torch.zeros(64, 96, dtype=torch.long), "key": "s/0"}]
-    assert speed_key(images, [64, 96]) == "s/0" and speed_key(images, [2160, 3840]) is None
+    assert speed_sample(images, [64, 96]) is images[1] and speed_sample(images, [2160, 3840]) is None
     cfg = load_config(EvalConfig, None, {"tile_size": 64, "speed_size": [64, 96], "warmup": 1, "wandb": False,
                                          "interpret_images": 0, "mixed_precision": "no"})
     cpu = torch.device("cpu")
