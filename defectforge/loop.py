@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import os
 import pickle
 import re
 import secrets
@@ -45,6 +46,44 @@ from .tracking import MetricsLog, wandb_init_kwargs
 
 log = logging.getLogger(__name__)
 CKPT_RE = re.compile(r"^step-(\d+)$")
+THREADS_ENV = "DEFECTFORGE_THREADS_FILE"
+
+
+class ThreadShare:
+    """The CPU compute threads a training process may use, changed from outside while it trains.
+
+    A study that trains several runs side by side (`parallel` in the study config) writes each run's share of
+    the machine's threads into a file named by `$DEFECTFORGE_THREADS_FILE`; the run's loop reads it (at most once
+    a second) and calls `torch.set_num_threads` when it changed, so a run left alone gets the whole CPU back.
+    The loop's own thread must make the call: OpenMP keeps the thread count per calling thread."""
+
+    def __init__(self, path: str | Path, every: float = 1.0):
+        self.path, self.every, self._checked = Path(path), every, -math.inf
+
+    @classmethod
+    def from_env(cls) -> ThreadShare | None:
+        path = os.environ.get(THREADS_ENV)
+        return cls(path) if path else None
+
+    def write(self, threads: int) -> None:
+        write_atomic(self.path, f"{int(threads)}\n")
+
+    def read(self) -> int | None:
+        """The share in the file; None when it is missing or not a positive integer (nothing changes then)."""
+        try:
+            threads = int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return threads if threads >= 1 else None
+
+    def apply(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.every:
+            return
+        self._checked = now
+        threads = self.read()
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -338,12 +377,15 @@ class Run:
         show = progress and self.accelerator.is_local_main_process
         bar = tqdm(total=end, initial=step, desc=desc, disable=not show)
         window = _Window()
+        threads = ThreadShare.from_env()  # set when a study trains this run beside others
         try:
             while step < end:
                 epoch = step // cfg.checkpoint_every
                 epoch_end = min((epoch + 1) * cfg.checkpoint_every, cfg.max_steps, end)
                 batches = self._epoch_batches(make_loader, epoch, step)
                 while step < epoch_end:
+                    if threads is not None:
+                        threads.apply()
                     started = time.perf_counter()
                     window.add(self._optimizer_step(model, optimizer, batches, step), time.perf_counter() - started)
                     scheduler.step()

@@ -81,8 +81,12 @@ class StudyConfig:
     train_samples: list[Any] = field(default_factory=lambda: [None])  # int or null (= the whole split)
     seeds: list[int] = field(default_factory=lambda: [0])
     evaluate: StageStep | None = None  # default: configs/evaluate/default.yaml
+    parallel: int = 1  # training runs at once on a CPU, sharing its threads (study/parallel.py)
 
     def validate(self) -> None:
+        if not isinstance(self.parallel, int) or self.parallel < 1:
+            raise ConfigError(f"key 'parallel': value {self.parallel!r} is invalid, expected an integer >= 1 (training "
+                              "runs at once on a CPU)")
         for n in self.train_samples:
             if n is not None and (not isinstance(n, int) or n < 1):
                 raise ConfigError(f"key 'train_samples': value {n!r} is invalid, expected an integer >= 1 or null")
@@ -107,6 +111,7 @@ class StudyPlan:
     pretrain: dict[str, tuple[PretrainConfig, list[str]]] = field(default_factory=dict)
     finetune: dict[str, tuple[FinetuneConfig, str | None]] = field(default_factory=dict)
     evaluate: EvalConfig | None = None
+    parallel: int = 1
 
 
 def _stage(step: Any, schema: type, where: str, extra: dict | None = None):
@@ -229,7 +234,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyPla
     if not path.is_file():
         raise ConfigError(f"study config '{path}' does not exist")
     cfg = load_config(StudyConfig, path, overrides or [])
-    plan = StudyPlan(name=cfg.name or path.stem)
+    plan = StudyPlan(name=cfg.name or path.stem, parallel=cfg.parallel)
     study = {"study": plan.name}
     _data_plan(cfg, plan, path)
     if cfg.diffusion is not None:

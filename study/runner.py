@@ -6,6 +6,8 @@ Stages, in order, each skipped when its complete outputs exist (an interrupted s
    and the shards it generates (`data/diffusion`);
 2. pretrain: each pretraining run, on the folders its `data` key names (default: the pretraining shards);
 3. finetune: the grid models x training-set sizes x seeds, each from a pretrain run or from scratch;
+   with `parallel: N` on a CPU, stages 2 and 3 train up to N runs at once, a fine-tuning starting as soon as the
+   run it starts from is complete (study/parallel.py);
 4. evaluate: every fine-tuned model on the target's evaluation split and the 4K scenes, then the report.
 
 Every run gets `study=<name>`, which groups it in W&B. The wall time of every step (each data folder, pretraining,
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -27,6 +30,7 @@ from pathlib import Path
 from defectforge.files import claim_output, write_atomic
 
 from .config import DiffusionPlan, RealTarget, StudyPlan, load_study
+from .parallel import Job, run_jobs
 
 log = logging.getLogger("study")
 
@@ -40,7 +44,8 @@ TIMINGS = "timings.json"
 
 class StageClock:
     """Wall seconds of each study step, kept in `root/timings.json` (rewritten whole after every step, so an
-    interrupted study keeps what it measured). Entries: {"stage", "name", "seconds", "measured_at", "machine"}; a
+    interrupted study keeps what it measured). Entries: {"stage", "name", "seconds", "started" (epoch seconds),
+    "measured_at" (its end), "machine"}; a
     step that a resumed run skips keeps its entry from the run that did it, and a step resumed after an
     interruption records the time of its last part only."""
 
@@ -58,11 +63,15 @@ class StageClock:
 
     @contextmanager
     def measure(self, stage: str, name: str):
-        start = time.perf_counter()
+        started, start = time.time(), time.perf_counter()
         yield
-        self.steps[f"{stage}/{name}"] = {"stage": stage, "name": name,
-                                         "seconds": round(time.perf_counter() - start, 3),
-                                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": self.machine}
+        self.record(stage, name, started, time.perf_counter() - start)
+
+    def record(self, stage: str, name: str, started: float, seconds: float) -> None:
+        """One step's wall `seconds` from `started` (epoch seconds; steps that ran side by side overlap)."""
+        end = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started + seconds))
+        self.steps[f"{stage}/{name}"] = {"stage": stage, "name": name, "seconds": round(seconds, 3),
+                                         "started": round(started, 3), "measured_at": end, "machine": self.machine}
         write_atomic(self.path, json.dumps({"steps": list(self.steps.values())}, indent=2) + "\n")
 
 
@@ -122,35 +131,58 @@ def _run_diffusion(spec: DiffusionPlan, data: dict[str, Path], root: Path, clock
     return folder
 
 
-def _run_pretrain(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> None:
-    from pretrain.train import train as pretrain
-
+def _training_jobs(plan: StudyPlan, data: dict[str, Path], root: Path) -> list[Job]:
+    """Every pretraining and fine-tuning run of the plan that is not complete yet, in the config's order."""
+    jobs, pending_pretrain = [], set()
     for name, (cfg, folders) in plan.pretrain.items():
         run = root / "pretrain" / name
         if _done(run / "model.safetensors"):
             log.info("[pretrain] %s: complete, skipped", name)
             continue
-        log.info("[pretrain] %s on %s", name, " + ".join(folders))
         shards = [str(data[f]) for f in folders]
-        with _measure(clock, "pretrain", name):
-            pretrain(dataclasses.replace(cfg, resume="latest"), shards[0] if len(shards) == 1 else shards, run)
-
-
-def _run_finetune(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> list[str]:
-    from finetune.train import train as finetune
-
-    runs = []
+        jobs.append(Job("pretrain", name, dataclasses.replace(cfg, resume="latest"),
+                        shards[0] if len(shards) == 1 else shards, run))
+        pending_pretrain.add(name)
     for name, (cfg, init) in plan.finetune.items():
         run = root / "finetune" / name
-        runs.append(str(run))
         if _done(run / "model.safetensors"):
             log.info("[finetune] %s: complete, skipped", name)
             continue
-        log.info("[finetune] %s (init: %s)", name, init or "scratch")
-        with _measure(clock, "finetune", name):
-            finetune(dataclasses.replace(cfg, resume="latest", init=str(root / "pretrain" / init) if init else None),
-                     str(data["target"]), run)
-    return runs
+        cfg = dataclasses.replace(cfg, resume="latest", init=str(root / "pretrain" / init) if init else None)
+        jobs.append(Job("finetune", name, cfg, str(data["target"]), run,
+                        after=init if init in pending_pretrain else None))
+    return jobs
+
+
+def _side_by_side(plan: StudyPlan) -> bool:
+    """`parallel` > 1 applies to a single-process study on a CPU (one GPU, or a distributed launch, trains one run at
+    a time)."""
+    import torch
+
+    if plan.parallel <= 1:
+        return False
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("parallel: %d applies to CPU studies; here the runs train one at a time", plan.parallel)
+        return False
+    return True
+
+
+def _run_training(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> list[str]:
+    """Every pretraining run, then every fine-tuning (or up to `parallel` of them at once, study/parallel.py);
+    returns the fine-tuning run folders."""
+    from finetune.train import train as finetune
+    from pretrain.train import train as pretrain
+
+    jobs = _training_jobs(plan, data, root)
+    if jobs and _side_by_side(plan):
+        run_jobs(jobs, plan.parallel, root, clock.record if clock is not None else lambda *a: None)
+    else:
+        for job in jobs:
+            log.info("[%s] %s on %s%s", job.stage, job.name, job.shards,
+                     f" (init: {job.cfg.init})" if job.stage == "finetune" and job.cfg.init else "")
+            with _measure(clock, job.stage, job.name):
+                (pretrain if job.stage == "pretrain" else finetune)(job.cfg, job.shards, job.run)
+    return [str(root / "finetune" / name) for name in plan.finetune]
 
 
 def represent_runs(plan: StudyPlan, root: Path) -> list[str]:
@@ -178,8 +210,7 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
                                                   "command": shlex.join(sys.argv)}, indent=2) + "\n")
     clock = StageClock(root)
     data = _run_data(plan, root, clock)
-    _run_pretrain(plan, data, root, clock)
-    runs = _run_finetune(plan, data, root, clock)
+    runs = _run_training(plan, data, root, clock)
     report = root / "report"
     shards = [str(data["target"])] + ([str(data["test_4k"])] if "test_4k" in data else [])
     newest = max((Path(r) / "model.safetensors").stat().st_mtime for r in runs)
@@ -191,6 +222,18 @@ def run_study(config: str | Path, out: str | Path | None = None, overrides: list
     with _measure(clock, "evaluate", "report"):
         return evaluate(plan.evaluate, runs, shards, report, commands=[command_line(config, out, overrides)],
                         represent_runs=represent_runs(plan, root))
+
+
+def wall_seconds(steps: list[dict]) -> float:
+    """The study's wall time over its steps: the union of their intervals (steps trained side by side overlap);
+    the plain sum for entries without a start (written before starts were kept)."""
+    if not all("started" in e for e in steps):
+        return sum(e["seconds"] for e in steps)
+    total, end = 0.0, -float("inf")
+    for start, stop in sorted((e["started"], e["started"] + e["seconds"]) for e in steps):
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
 
 
 def time_summary(root: Path) -> list[str]:
@@ -206,7 +249,7 @@ def time_summary(root: Path) -> list[str]:
         by_stage.setdefault(e["stage"], []).append(e)
     parts = [f"{stage} " + " + ".join(f"{e['seconds'] / 60:.1f}" for e in entries)
              for stage, entries in by_stage.items()]
-    total = sum(e["seconds"] for e in steps)
+    total = wall_seconds(steps)
     machines = sorted({e.get("machine", "?") for e in steps})
     return [f"time (min, wall): {'; '.join(parts)}; total {total / 60:.1f} ({TIMINGS}; "
             f"machine: {' / '.join(machines)})"]

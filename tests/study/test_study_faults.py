@@ -121,3 +121,54 @@ def test_study_killed_in_each_stage_resumes_to_the_uninterrupted_report(tmp_path
     assert [(c["claim"], c["verdict"]) for c in got["claims"] if "faster" not in c["claim"]
             and "memory" not in c["claim"]] == [(c["claim"], c["verdict"]) for c in want["claims"]
                                                 if "faster" not in c["claim"] and "memory" not in c["claim"]]
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.slow
+def test_a_study_killed_while_training_side_by_side_takes_its_runs_with_it_and_resumes(tmp_path):
+    import re
+
+    config = tiny_study(tmp_path)
+    study = tmp_path / "killed"
+    # the scratch ViT trains long enough to be killed under way
+    cmd = _study(config, study) + ["parallel=2", "finetune.1.overrides.max_steps=200",
+                                   "finetune.1.overrides.checkpoint_every=50", "finetune.1.overrides.val_every=200"]
+    env = {**_env(), "OMP_NUM_THREADS": "2"}  # two threads to share: two runs at a time
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    second = threading.Event()
+
+    def read() -> None:  # drains the pipe to the end, so the study never blocks on it
+        for line in proc.stderr:
+            lines.append(line)
+            if "[finetune] vit-scratch-nall-s0 started" in line:
+                second.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert second.wait(timeout=300), "".join(lines)[-3000:]
+    time.sleep(8.0)  # both runs under way (their processes import torch, then train)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    log = "".join(lines)
+    pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log)]
+    assert len(pids) >= 2 and "vit-scratch-nall-s0 finished" not in log, log[-3000:]
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "a training run outlived its study"
+    _assert_nothing_half_written(study)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_nothing_half_written(study)
+    results = json.loads((study / "report/results.json").read_text())
+    assert {r["name"] for r in results["results"]} == {"vit-pre-nall-s0", "vit-scratch-nall-s0", "cnn-nall-s0"}
