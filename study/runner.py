@@ -244,6 +244,8 @@ def time_summary(root: Path) -> list[str]:
     steps = json.loads(path.read_text()).get("steps", [])
     if not steps:
         return []
+    if all("started" in e for e in steps):  # in the order the steps started (runs side by side end out of order)
+        steps = sorted(steps, key=lambda e: e["started"])
     by_stage: dict[str, list[dict]] = {}
     for e in steps:
         by_stage.setdefault(e["stage"], []).append(e)

@@ -87,7 +87,8 @@ def test_a_study_trains_two_runs_at_a_time_and_resumes(tmp_path, monkeypatch, ca
     assert scratch["started"] < pre["started"] + pre["seconds"]  # the scratch run trained beside the pretraining
     assert ft["started"] >= pre["started"] + pre["seconds"]  # the run from the pretrained model waited for it
     assert wall_seconds(list(steps.values())) < sum(e["seconds"] for e in steps.values())
-    assert "total" in time_summary(tmp_path / "study")[0]
+    (line,) = time_summary(tmp_path / "study")
+    assert line.index("; pretrain ") < line.index("; finetune ") < line.index("; total ")  # in the order they started
     info = json.loads((tmp_path / "study/finetune/vit-pre-nall-s0/run_info.json").read_text())
     assert Path(info["init"]).name == "vit" and info["init_report"]  # it started from the pretrained weights
     assert not any((tmp_path / "study/threads").iterdir())  # each run's share file goes with it
