@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_intermixed_args(argv)  # overrides may follow --out
+    from .parallel import JobFailed
     from .runner import run_study, summary, time_summary
 
     try:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, FileNotFoundError, ValueError) as err:
         log.error("%s", err)
         return 2
+    except JobFailed as err:  # a run trained in its own process (`parallel`): its error is at the end of its log
+        log.error("%s", err)
+        return 1
     for line in summary(path) + time_summary(path.parent.parent):
         print(line)
     log.info("report: %s", path)

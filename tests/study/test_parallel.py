@@ -116,3 +116,15 @@ def test_a_failed_run_stops_the_study_with_the_end_of_its_log_and_the_run_beside
     (pid,) = [int(p) for p in re.findall(r"long started \(pid (\d+)", caplog.text)]
     status = Path(f"/proc/{pid}/status")
     assert not status.exists() or "\nState:\tZ" in status.read_text()  # stopped with the study
+
+
+def test_the_command_exits_1_with_the_message_when_a_side_by_side_run_failed(monkeypatch, caplog):
+    import study.runner
+    from study.__main__ import main
+
+    def failing(*args, **kwargs):
+        raise JobFailed("[finetune] x failed (exit code 1); its log logs/finetune-x.log ends with:\nBoom")
+
+    monkeypatch.setattr(study.runner, "run_study", failing)
+    assert main(["configs/study/quickstart.yaml"]) == 1
+    assert "finetune-x.log ends with:\nBoom" in caplog.text
