@@ -51,6 +51,19 @@ class Job:
     def key(self) -> str:
         return f"{self.stage}/{self.name}"
 
+    @property
+    def log_name(self) -> str:
+        return f"{self.stage}-{self.name}.log"
+
+
+def trainer(stage: str):
+    """The `train(cfg, shards, run_dir, *, progress)` of a stage ("pretrain" or "finetune")."""
+    if stage == "pretrain":
+        from pretrain.train import train
+    else:
+        from finetune.train import train
+    return train
+
 
 def shares(total: int, running: int) -> list[int]:
     """`total` threads split among `running` runs, at least one each, the remainder to the first ones."""
@@ -61,7 +74,7 @@ def shares(total: int, running: int) -> list[int]:
 def order(jobs: list[Job]) -> list[Job]:
     """Jobs that another waits for first (they are on the longest path), then the config's order."""
     waited_on = {j.after for j in jobs if j.after}
-    return sorted(jobs, key=lambda j: (j.name not in waited_on or j.stage != "pretrain",))
+    return sorted(jobs, key=lambda j: j.name not in waited_on or j.stage != "pretrain")
 
 
 def _end_with_parent(parent: int) -> None:
@@ -88,11 +101,7 @@ def _child(stage: str, cfg: Any, shards: Any, run: str, share: str, log_path: st
     os.environ[THREADS_ENV] = share
     # the thread count is left at the machine's until the loop reads its share: the CPU precision choice
     # (defectforge/precision.py) was made by the study for the machine's thread count and is found in its cache
-    if stage == "pretrain":
-        from pretrain.train import train
-    else:
-        from finetune.train import train
-    train(cfg, shards, run, progress=False)
+    trainer(stage)(cfg, shards, run, progress=False)
 
 
 def _progress(run: Path) -> int:
@@ -141,8 +150,7 @@ def run_jobs(jobs: list[Job], parallel: int, root: Path, record) -> None:
                 slots[slots.index(key)] = None
                 if proc.exitcode != 0:
                     raise JobFailed(f"[{job.stage}] {job.name} failed (exit code {proc.exitcode}); "
-                                    f"its log {logs / (job.stage + '-' + job.name + '.log')} ends with:\n"
-                                    f"{_tail(logs / (job.stage + '-' + job.name + '.log'))}")
+                                    f"its log {logs / job.log_name} ends with:\n{_tail(logs / job.log_name)}")
                 record(job.stage, job.name, started, time.time() - started)
                 if job.stage == "pretrain":
                     pretrained.add(job.name)
@@ -153,7 +161,7 @@ def run_jobs(jobs: list[Job], parallel: int, root: Path, record) -> None:
                 pending.remove(job)
                 share = ThreadShare(root / "threads" / job.key.replace("/", "-"))
                 share.write(shares(total, len(running) + 1)[-1])
-                log_path = logs / f"{job.stage}-{job.name}.log"
+                log_path = logs / job.log_name
                 args = (job.stage, job.cfg, job.shards, str(job.run), str(share.path), str(log_path), os.getpid(),
                         mp.get_start_method())
                 proc = ctx.Process(target=_child, name=job.key, args=args)

@@ -30,7 +30,7 @@ from pathlib import Path
 from defectforge.files import claim_output, write_atomic
 
 from .config import DiffusionPlan, RealTarget, StudyPlan, load_study
-from .parallel import Job, run_jobs
+from .parallel import Job, run_jobs, trainer
 
 log = logging.getLogger("study")
 
@@ -170,9 +170,6 @@ def _side_by_side(plan: StudyPlan) -> bool:
 def _run_training(plan: StudyPlan, data: dict[str, Path], root: Path, clock: StageClock | None = None) -> list[str]:
     """Every pretraining run, then every fine-tuning (or up to `parallel` of them at once, study/parallel.py);
     returns the fine-tuning run folders."""
-    from finetune.train import train as finetune
-    from pretrain.train import train as pretrain
-
     jobs = _training_jobs(plan, data, root)
     if jobs and _side_by_side(plan):
         run_jobs(jobs, plan.parallel, root, clock.record if clock is not None else lambda *a: None)
@@ -181,7 +178,7 @@ def _run_training(plan: StudyPlan, data: dict[str, Path], root: Path, clock: Sta
             log.info("[%s] %s on %s%s", job.stage, job.name, job.shards,
                      f" (init: {job.cfg.init})" if job.stage == "finetune" and job.cfg.init else "")
             with _measure(clock, job.stage, job.name):
-                (pretrain if job.stage == "pretrain" else finetune)(job.cfg, job.shards, job.run)
+                trainer(job.stage)(job.cfg, job.shards, job.run)
     return [str(root / "finetune" / name) for name in plan.finetune]
 
 
