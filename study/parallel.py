@@ -160,7 +160,6 @@ def run_jobs(jobs: list[Job], parallel: int, root: Path, record) -> None:
                 job = ready.pop(0)
                 pending.remove(job)
                 share = ThreadShare(root / "threads" / job.key.replace("/", "-"))
-                share.write(shares(total, len(running) + 1)[-1])
                 log_path = logs / job.log_name
                 args = (job.stage, job.cfg, job.shards, str(job.run), str(share.path), str(log_path), os.getpid(),
                         mp.get_start_method())
@@ -172,6 +171,7 @@ def run_jobs(jobs: list[Job], parallel: int, root: Path, record) -> None:
                 bars[job.key] = tqdm(total=job.cfg.stop_after or job.cfg.max_steps, desc=f"{job.stage} {job.name}",
                                      position=slot, leave=False, file=sys.stderr, mininterval=2.0)
                 log.info("[%s] %s started (pid %d, log: %s)", job.stage, job.name, proc.pid, log_path)
+            # every run going gets its share, a run just started its first (its loop reads the file once it trains)
             for (_job, _proc, _started, share), threads in zip(running.values(), shares(total, max(1, len(running))),
                                                               strict=False):
                 if share.read() != threads:
