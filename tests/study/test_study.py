@@ -256,7 +256,8 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
         load_study("configs/study/quickstart.yaml", ["train_samples=[0]"])
     # an item of a list by its index: one fine-tuning entry's rate, the others untouched
     plan = load_study("configs/study/quickstart.yaml", ["finetune.1.overrides.lr=2.0e-4"])
-    assert [cfg.lr for cfg, _ in plan.finetune.values()] == [3.0e-4, 2.0e-4, 1.0e-3]
+    assert [cfg.lr for cfg, _ in plan.finetune.values()] == [1.0e-3, 2.0e-4, 1.0e-3]
+    assert [cfg.layer_decay for cfg, _ in plan.finetune.values()] == [0.75, None, None]
     for bad, match in (("finetune.3.overrides.lr=1", "'finetune' is a list of 3 item.*from 0 to 2, not '3'"),
                        ("finetune.x.overrides.lr=1", "not 'x'"), ("finetune.0.nosuch=1", "nosuch"),
                        ("finetune.0.overrides.nosuch=1", "unknown key 'nosuch'")):
