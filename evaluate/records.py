@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from .config import EvalConfig
 
 
+GRID_FAMILIES = ("ViT", "ViT-Hybrid")  # absolute position embeddings, resampled to the token grid of each input
+
+
 @dataclass
 class ModelCard:
     """Which model a result belongs to (from the run's model_config.json and run_info.json)."""
@@ -32,6 +35,7 @@ class ModelCard:
     pretraining: str | None = None
     synthetic: bool | None = None  # its pretraining includes this study's synthetic pretraining
     weights: dict | None = None  # the published weights it started from: repo_id, revision, file, license, ...
+    crop_size: int | None = None  # the side of the crops it was trained on (None: not recorded)
 
     def __post_init__(self) -> None:
         # a card made without the pretraining fields: `pretrained` then means synthetic pretraining, as it once did
@@ -45,6 +49,10 @@ class ModelCard:
     def arch(self) -> str:
         """The timm architecture, without the tag that picks published weights."""
         return self.model.split(".")[0]
+
+    def grid_mismatch(self, tile: int) -> bool:
+        """A ViT (absolute position embeddings) tiled at another size than the crops it was trained on."""
+        return self.family in GRID_FAMILIES and bool(self.crop_size) and self.crop_size != tile
 
     @property
     def start(self) -> str:

@@ -359,6 +359,17 @@ def _damage_note(damage: dict | None) -> str:
             f"{'; '.join(damage['problems'])}.")
 
 
+def _grid_note(results: list[ModelResult], tile: int) -> str:
+    """The data line's warning for ViTs tiled at another size than the crops they were trained on: their position
+    embeddings are resampled to a token grid they never saw (measured in docs/evaluate.md, "Tile size")."""
+    off = [f"{r.name} ({r.card.crop_size} px)" for r in results if r.card.grid_mismatch(tile)]
+    if not off:
+        return ""
+    return (f" Trained on crops of another size than the {tile} px tiles: {', '.join(off)}; a ViT tiled so sees a "
+            "token grid it was not trained on (tile_size equal to the training crop measured better for ViTs, "
+            "docs/evaluate.md).")
+
+
 def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predictions: dict[str, dict],
                  maps: dict[str, list] | None = None, represent_maps: dict | None = None) -> Path:
     results, cfg = evaluation.results, evaluation.config
@@ -369,7 +380,7 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
              f"{', '.join(evaluation.classes)}. Tiles {cfg.tile_size} px, overlap {cfg.overlap:.0%}, "
              f"{cfg.blend} blending. Speed: median of {cfg.repeats} timed runs per model on "
              f"{cfg.speed_size[1]}x{cfg.speed_size[0]} images ({results[0].cost.tiled.source})."
-             + _damage_note(evaluation.data_damage))
+             + _grid_note(results, cfg.tile_size) + _damage_note(evaluation.data_damage))
     doc.heading("Results per model")
     _results_table(doc, results, cfg)
     _weights_table(doc, results)

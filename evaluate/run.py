@@ -68,7 +68,7 @@ def describe(run_dir: Path, mcfg: dict) -> ModelCard:
     return ModelCard(name=run_dir.name, run=str(run_dir), model=mcfg["model"], architecture=mcfg.get("smp_class"),
                      family=model_family(mcfg["model"]), init=init, pretrained=pretraining != NONE,
                      pretrain_sources=sources, train_samples=info.get("train_samples"), pretraining=pretraining,
-                     weights=mcfg.get("weights"))
+                     weights=mcfg.get("weights"), crop_size=mcfg.get("crop_size"))
 
 
 def _prepare(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -212,7 +212,12 @@ def evaluate_model(run_dir: Path, images: list[dict], classes: list[str], cfg: E
     accuracy.seam_images = tiled_images
     accuracy.by_source = accuracy_by_source(accuracy.image_confusion, [i["key"].split("/", 1)[0] for i in images],
                                             classes)
-    result = ModelResult(card=describe(run_dir, mcfg), metrics=accuracy,
+    card = describe(run_dir, mcfg)
+    if card.grid_mismatch(cfg.tile_size):
+        log.warning("%s was trained on %d px crops and is tiled at %d px: its position embeddings are resampled to "
+                    "a token grid it was not trained on (set tile_size to the training crop, docs/evaluate.md)",
+                    run_dir.name, card.crop_size, cfg.tile_size)
+    result = ModelResult(card=card, metrics=accuracy,
                          learned=judge_learned(accuracy, cfg.learned_floor))
     maps: list = []
     if cfg.interpret_images:

@@ -356,3 +356,18 @@ def test_the_report_shows_each_models_pretraining_and_the_weights_loaded(tmp_pat
     assert "| pretraining |" in text and f"| {HUB} |" in text and f"| {SYN} |" in text and "| none |" in text
     assert "## Pretrained weights" in text and "timm/vit_small_patch16_224.augreg_in21k @ c0ffeec0ffee" in text
     assert "apache-2.0" in text
+
+
+def test_a_vit_tiled_at_another_size_than_its_training_crops_is_named_in_the_report():
+    from evaluate.report import _grid_note
+
+    vit, hybrid, cnn = _result("vit", "ViT", [0.8] * 4), _result("hyb", "ViT-Hybrid", [0.8] * 4), \
+        _result("cnn", "CNN", [0.8] * 4)
+    for r, crop in ((vit, 128), (hybrid, 512), (cnn, 128)):
+        r.card.crop_size = crop
+    note = _grid_note([vit, hybrid, cnn], 512)
+    assert "vit (128 px)" in note and "hyb" not in note and "cnn" not in note  # a CNN has no token grid
+    assert vit.card.grid_mismatch(512) and not vit.card.grid_mismatch(128) and not cnn.card.grid_mismatch(512)
+    assert _grid_note([vit, cnn], 128) == ""
+    vit.card.crop_size = None  # a run saved without its crop size: nothing to say
+    assert _grid_note([vit], 512) == ""

@@ -258,6 +258,9 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     plan = load_study("configs/study/quickstart.yaml", ["finetune.1.overrides.lr=2.0e-4"])
     assert [cfg.lr for cfg, _ in plan.finetune.values()] == [1.0e-3, 2.0e-4, 1.0e-3]
     assert [cfg.layer_decay for cfg, _ in plan.finetune.values()] == [0.75, None, None]
+    # the quickstart evaluates and validates in tiles of the crops its models were fine-tuned on (docs/evaluate.md)
+    assert {cfg.crop_size for cfg, _ in plan.finetune.values()} == {plan.evaluate.tile_size} == \
+        {cfg.val_max_size for cfg, _ in plan.finetune.values()}
     for bad, match in (("finetune.3.overrides.lr=1", "'finetune' is a list of 3 item.*from 0 to 2, not '3'"),
                        ("finetune.x.overrides.lr=1", "not 'x'"), ("finetune.0.nosuch=1", "nosuch"),
                        ("finetune.0.overrides.nosuch=1", "unknown key 'nosuch'")):
