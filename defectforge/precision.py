@@ -11,6 +11,14 @@ Evaluation (`python -m evaluate run`, its own `mixed_precision: auto`) runs infe
 the device it evaluates on: measured for 4K tiled inference on the same CPU, bf16 took ViT-Tiny + DPT from 10.7-12.4
 to 7.4-7.5 s and a ResNet-18 U-Net from 13.6 to 7.5-7.8 s per image (docs/evaluate.md, "Precision and layout").
 
+Attention trains with the explicit product (`q @ k^T`, softmax, `@ v`) instead of PyTorch's fused
+`scaled_dot_product_attention` where that is measured faster on this CPU (`ATTENTION_MIN_SPEEDUP`): under bf16
+autocast the fused CPU kernel's backward pass is slow at the token counts of small crops. Measured for ViT-Tiny +
+DPT training steps on a 2-core AMD EPYC with AVX-512 bf16 (torch 2.14.1, one thread): 0.84-0.87x the fused step's
+time at 128-512 px crops under bf16, and a tie in fp32 (0.99-1.04x); docs/scaling.md. The probe times one
+attention forward + backward at two token counts in both ways, per precision, kept with the precision measurement;
+only training uses it (inference keeps the fused kernel: 0.96x in bf16, but 1.36x slower explicit in fp32 at 512 px).
+
 Convolutional networks also train in channels_last memory format (`prefers_channels_last`): a ResNet-18 U-Net step
 at 128 px, batch 8, measured 0.46 -> 0.44 s in fp32 and 0.30 -> 0.26 s in bf16 on a 2-core AMD EPYC (AVX-512
 bf16); it is the layout oneDNN and cuDNN prefer for convolutions. ViTs, matrix products over tokens, are left alone.
@@ -33,6 +41,9 @@ from .files import write_atomic
 
 log = logging.getLogger(__name__)
 BF16_MIN_SPEEDUP = 1.2
+ATTENTION_MIN_SPEEDUP = 1.2  # explicit attention in training when its probe is this much faster than the fused kernel
+_BF16_KEYS = {"fp32_s", "bf16_s", "bf16_speedup"}
+_ATTENTION_KEYS = {"attention_speedup_fp32", "attention_speedup_bf16"}
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # the values of every `mixed_precision` key
 _CHOICE: dict | None = None
 
@@ -88,6 +99,35 @@ def measure_cpu_bf16(repeats: int = 7) -> dict:
     return {"fp32_s": best["fp32"], "bf16_s": best["bf16"], "bf16_speedup": best["fp32"] / best["bf16"]}
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool) -> torch.Tensor:
+    if fused:
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # timm's non-fused path
+
+
+def measure_cpu_attention(repeats: int = 5) -> dict:
+    """Fused-kernel seconds over explicit-product seconds of one attention forward + backward (ViT-Tiny's 3 heads
+    of 64, 65 and 257 tokens: 128 and 256 px at patch 16), in fp32 and under bf16 autocast; > 1 means the explicit
+    product is faster. Timed in alternation, fastest pass kept, as `measure_cpu_bf16`."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((8, 3, 65, 64), (2, 3, 257, 64))
+    qkv = [[torch.rand(*shape, generator=gen, requires_grad=True) for _ in range(3)] for shape in shapes]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        best = {True: math.inf, False: math.inf}
+        for r in range(repeats + 1):
+            for fused in (True, False):
+                t0 = time.perf_counter()
+                for q, k, v in qkv:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        y = _attention(q, k, v, fused)
+                    y.float().square().mean().backward()
+                if r:
+                    best[fused] = min(best[fused], time.perf_counter() - t0)
+        out[f"attention_speedup_{precision}"] = best[True] / best[False]
+    return out
+
+
 def decide(measured: dict) -> str:
     return "bf16" if measured["bf16_speedup"] >= BF16_MIN_SPEEDUP else "no"
 
@@ -106,21 +146,27 @@ def cpu_choice() -> dict:
     except (OSError, ValueError):
         cached = {}
     entry = cached.get(sig) if isinstance(cached, dict) else None
-    if isinstance(entry, dict) and {"fp32_s", "bf16_s", "bf16_speedup"} <= entry.keys():
+    entry = dict(entry) if isinstance(entry, dict) else {}
+    missing = [keys for keys in (_BF16_KEYS, _ATTENTION_KEYS) if not keys <= entry.keys()]
+    if not missing:
         choice = {**entry, "used": decide(entry), "source": str(path)}
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        choice = {"used": "no", "source": "distributed launch without a measurement of this machine; run one "
-                                          "single-process training here once to measure"}
-    else:
-        entry = {k: round(v, 5) for k, v in measure_cpu_bf16().items()}
+        choice = {**entry, "used": decide(entry) if _BF16_KEYS <= entry.keys() else "no",
+                  "source": "distributed launch without a (complete) measurement of this machine; run one "
+                            "single-process training here once to measure"}
+    else:  # measure what the cache lacks (an entry from before the attention probe keeps its bf16 figures)
+        for keys in missing:
+            measured = measure_cpu_bf16() if keys is _BF16_KEYS else measure_cpu_attention()
+            entry.update({k: round(v, 5) for k, v in measured.items()})
         choice = {**entry, "used": decide(entry), "source": "measured now"}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps({**(cached if isinstance(cached, dict) else {}), sig: entry}, indent=2))
         except OSError as err:  # an unwritable cache only costs the measurement next time
             log.warning("could not keep the CPU precision measurement in %s: %s", path, err)
-        log.info("CPU precision: bf16 autocast %.2fx the speed of fp32 on this CPU -> %s",
-                 entry["bf16_speedup"], "bf16" if choice["used"] == "bf16" else "fp32")
+        log.info("CPU precision: bf16 autocast %.2fx the speed of fp32 on this CPU -> %s; explicit attention "
+                 "%.2fx the fused kernel's speed in training under it", entry["bf16_speedup"],
+                 "bf16" if choice["used"] == "bf16" else "fp32", attention_speedup(choice))
     _CHOICE = {**choice, "signature": sig, "min_speedup": BF16_MIN_SPEEDUP}
     return _CHOICE
 
@@ -136,6 +182,26 @@ def resolve_mixed_precision(value: str, device_type: str | None = None) -> tuple
         return used, {"asked": "auto", "used": used, "device": "cuda"}
     choice = cpu_choice()
     return choice["used"], {"asked": "auto", "device": "cpu", **choice}
+
+
+def attention_speedup(precision: dict) -> float:
+    """The measured speed of explicit attention over the fused kernel under the precision `precision` (a
+    `resolve_mixed_precision` record) uses on a CPU; 1.0 where nothing was measured (a GPU, a forced precision on an
+    unmeasured machine)."""
+    key = "attention_speedup_bf16" if precision.get("used") == "bf16" else "attention_speedup_fp32"
+    return float(precision.get(key) or 1.0)
+
+
+def use_explicit_attention(model: nn.Module, precision: dict) -> int:
+    """Switch timm's attention layers (`fused_attn`) of `model` to the explicit product when this CPU measured it
+    at least `ATTENTION_MIN_SPEEDUP` times the fused kernel's speed for training under `precision` (a
+    `resolve_mixed_precision` record); returns how many layers were switched (0: none, or none to switch)."""
+    if precision.get("device") != "cpu" or attention_speedup(precision) < ATTENTION_MIN_SPEEDUP:
+        return 0
+    layers = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool) and m.fused_attn]
+    for layer in layers:
+        layer.fused_attn = False
+    return len(layers)
 
 
 def autocast_dtype(mixed_precision: str) -> torch.dtype | None:

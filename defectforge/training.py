@@ -22,7 +22,7 @@ from .augment import AugmentConfig
 from .config import require, section
 from .data import SMALL_IMAGES
 from .loop import Run, last_checkpoint, lr_factor
-from .precision import MIXED_PRECISION, prefers_channels_last
+from .precision import MIXED_PRECISION, prefers_channels_last, use_explicit_attention
 from .reader import damage_found
 
 
@@ -183,7 +183,9 @@ def run_task(task: Task, run_dir: str | Path, *, progress: bool = True) -> dict:
     channels_last = prefers_channels_last(net)
     if channels_last:  # a convolutional network: measured 5-20 % faster per step (docs/scaling.md)
         net = net.to(memory_format=torch.channels_last)
-    run.note_info(precision={**run.precision, "channels_last": channels_last})
+    # on a CPU where the explicit product measured faster than the fused attention kernel (defectforge/precision.py)
+    explicit = use_explicit_attention(net, run.precision)
+    run.note_info(precision={**run.precision, "channels_last": channels_last, "explicit_attention_layers": explicit})
     run.note_damage()
     optimizer = adamw(task.param_groups(net), cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))

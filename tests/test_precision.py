@@ -82,3 +82,64 @@ def test_channels_last_for_convolutional_networks_only(model, arch, expected):
     cfg = load_config(FinetuneConfig, overrides=[f"model={model}", f"architecture={arch}", "crop_size=64"])
     net, _ = build_segmenter(cfg, ["background", "crack"])
     assert prefers_channels_last(net) is expected
+
+
+def fake_attention(fp32, bf16):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"attention_speedup_fp32": fp32, "attention_speedup_bf16": bf16}
+    return measure, calls
+
+
+def _vit():
+    cfg = load_config(FinetuneConfig, overrides=["model=vit_tiny", "crop_size=64"])
+    return build_segmenter(cfg, ["background", "crack"])[0]
+
+
+@pytest.mark.parametrize("speedup, used, switched", [((1.0, 1.6), "bf16", True), ((1.0, 1.6), "no", False),
+                                                     ((1.3, 1.0), "no", True), ((1.19, 1.19), "bf16", False)])
+def test_training_attention_is_explicit_only_where_this_cpu_measured_it_faster(fresh, monkeypatch, speedup, used,
+                                                                               switched):
+    measure, _ = fake_measure(1.6 if used == "bf16" else 1.0)
+    monkeypatch.setattr(precision, "measure_cpu_bf16", measure)
+    monkeypatch.setattr(precision, "measure_cpu_attention", fake_attention(*speedup)[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    value, info = precision.resolve_mixed_precision("auto")
+    assert value == used
+    vit, cnn = _vit(), build_segmenter(load_config(FinetuneConfig, overrides=[
+        "model=resnet18", "architecture=Unet", "crop_size=64"]), ["background", "crack"])[0]
+    assert precision.use_explicit_attention(vit, info) == (12 if switched else 0)
+    assert all(not m.fused_attn for m in vit.modules() if hasattr(m, "fused_attn")) is switched
+    assert precision.use_explicit_attention(cnn, info) == 0  # nothing to switch
+    # a GPU, or a precision given instead of measured: the fused kernel stays
+    for record in ({**info, "device": "cuda"}, {"asked": "bf16", "used": "bf16"}):
+        assert precision.use_explicit_attention(_vit(), record) == 0
+
+
+def test_a_kept_measurement_from_before_the_attention_probe_gets_only_the_probe(fresh, monkeypatch):
+    (fresh / "cpu_precision.json").write_text(json.dumps(
+        {cpu_signature(): {"fp32_s": 0.3, "bf16_s": 0.1, "bf16_speedup": 3.0}}))
+    monkeypatch.setattr(precision, "measure_cpu_bf16", lambda: pytest.fail("bf16 measured again"))
+    measure, calls = fake_attention(1.0, 1.5)
+    monkeypatch.setattr(precision, "measure_cpu_attention", measure)
+    choice = cpu_choice()
+    assert choice["used"] == "bf16" and choice["attention_speedup_bf16"] == 1.5 and calls == [1]
+    kept = json.loads((fresh / "cpu_precision.json").read_text())[cpu_signature()]
+    assert kept == {"fp32_s": 0.3, "bf16_s": 0.1, "bf16_speedup": 3.0, "attention_speedup_fp32": 1.0,
+                    "attention_speedup_bf16": 1.5}
+
+
+def test_real_attention_probe_and_explicit_attention_computes_what_the_fused_kernel_does():
+    got = precision.measure_cpu_attention(repeats=1)
+    assert got["attention_speedup_fp32"] > 0 and got["attention_speedup_bf16"] > 0
+    vit = _vit().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = vit(x)
+        for m in vit.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = False
+        explicit = vit(x)
+    assert torch.allclose(fused, explicit, atol=1e-4, rtol=1e-4)
