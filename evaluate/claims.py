@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pretrain.models import VIT_FAMILIES
+
 from .cost import quartiles
 from .metrics import mean_difference, miou_difference
 from .records import ModelResult, Timing
 
 GB = 1024 ** 3
-VIT = ("ViT", "ViT-Hybrid")
+VIT = VIT_FAMILIES
 DIFFUSION_SOURCES = ("inpaint", "refine", "pretrained")  # `source` of shards made by a diffusion backend
 SEAM_FREE = 1.1  # error near seams / elsewhere up to this counts as "no seam artefact"
 

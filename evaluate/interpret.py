@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.models import family_of
+from pretrain.models import VIT_FAMILIES, family_of
 
 from .metrics import dilate
 from .records import Interpretability
@@ -34,7 +34,7 @@ def _pad(model, image: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 def is_vit(model) -> bool:
     """Attention maps for ViTs and hybrids (`model.encoder` is the Segmenter's timm encoder)."""
-    return family_of(model.encoder) in ("ViT", "ViT-Hybrid")
+    return family_of(model.encoder) in VIT_FAMILIES
 
 
 @torch.no_grad()

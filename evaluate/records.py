@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pretrain.hub import NONE, SYNTHETIC, combine
+from pretrain.models import VIT_FAMILIES
 
 if TYPE_CHECKING:
     from .claims import Claim
     from .config import EvalConfig
-
-
-GRID_FAMILIES = ("ViT", "ViT-Hybrid")  # absolute position embeddings, resampled to the token grid of each input
 
 
 @dataclass
@@ -52,7 +50,7 @@ class ModelCard:
 
     def grid_mismatch(self, tile: int) -> bool:
         """A ViT (absolute position embeddings) tiled at another size than the crops it was trained on."""
-        return self.family in GRID_FAMILIES and bool(self.crop_size) and self.crop_size != tile
+        return self.family in VIT_FAMILIES and bool(self.crop_size) and self.crop_size != tile
 
     @property
     def start(self) -> str:

@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from defectforge.tracking import class_palette  # noqa: E402
+from pretrain.models import VIT_FAMILIES  # noqa: E402
 
 from .claims import GB, memory_gb  # noqa: E402
 from .config import EvalConfig  # noqa: E402
@@ -262,7 +263,7 @@ def _weights_table(doc: Doc, results: list[ModelResult]) -> None:
 
 
 def _tradeoff_table(doc: Doc, results: list[ModelResult]) -> None:
-    cnn, vit = _best(results, ("CNN",)), _best(results, ("ViT", "ViT-Hybrid"))
+    cnn, vit = _best(results, ("CNN",)), _best(results, VIT_FAMILIES)
 
     def col(r: ModelResult | None, fn) -> str:
         return "n/a" if r is None else fn(r)

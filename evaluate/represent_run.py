@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from defectforge.config import require
-from pretrain.models import family_of, load_model
+from pretrain.models import VIT_FAMILIES, family_of, load_model
 from pretrain.segmenter import load_segmenter
 
 from .interpret import gradcam_maps, localization
 from .represent import FUSIONS, MinibatchCKA, attention_distance, auroc, linear_probe, receptive_field, rollout
 
 log = logging.getLogger("evaluate")
-ATTENTION = ("ViT", "ViT-Hybrid")
+ATTENTION = VIT_FAMILIES
 
 
 @dataclass

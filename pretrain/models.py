@@ -96,6 +96,7 @@ def _is_token_model(model: nn.Module) -> bool:
 
 
 FAMILIES = ("ViT", "ViT-Hybrid", "Swin", "CNN")
+VIT_FAMILIES = FAMILIES[:2]  # a global token grid: attention maps, absolute position embeddings
 
 
 def family_of(model: nn.Module) -> str:

@@ -42,6 +42,7 @@ from defectforge.reader import make_dataset
 from .hub import HubWeights, fetch_pretrained, mismatch
 from .models import (
     CONFIG_FILE,
+    VIT_FAMILIES,
     WEIGHTS_FILE,
     family_of,
     load_run,
@@ -114,7 +115,7 @@ class Segmenter(nn.Module):
 
 
 def default_architecture(resolved: str, probe: nn.Module | None) -> str:
-    if probe is not None and family_of(probe) in ("ViT", "ViT-Hybrid"):
+    if probe is not None and family_of(probe) in VIT_FAMILIES:
         return "DPT"
     if "swin" in resolved or "convnext" in resolved:
         return "UPerNet"
