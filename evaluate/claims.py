@@ -32,7 +32,6 @@ from .metrics import mean_difference, miou_difference
 from .records import ModelResult, Timing
 
 GB = 1024 ** 3
-VIT = VIT_FAMILIES
 DIFFUSION_SOURCES = ("inpaint", "refine", "pretrained")  # `source` of shards made by a diffusion backend
 SEAM_FREE = 1.1  # error near seams / elsewhere up to this counts as "no seam artefact"
 
@@ -110,7 +109,7 @@ def memory_gb(t: Timing) -> list[float]:
 
 def _cost_claims(results: list[ModelResult]) -> list[Claim]:
     timed = _learned_first([r for r in results if r.cost is not None])
-    cnns, vits = _of(timed, "CNN"), _of(timed, VIT)
+    cnns, vits = _of(timed, "CNN"), _of(timed, VIT_FAMILIES)
     names = [r.name for r in cnns + vits]
     if not cnns or not vits:
         return [Claim("CNNs are faster / lighter on 4K images", "not measured", "needs at least one CNN and one ViT",
@@ -148,7 +147,7 @@ def _named(r: ModelResult | None) -> str:
 
 def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
     out = []
-    pre_vits = _learned_first([r for r in _of(results, VIT) if r.card.pretrained])
+    pre_vits = _learned_first([r for r in _of(results, VIT_FAMILIES) if r.card.pretrained])
     pre_cnns = [r for r in _of(results, "CNN") if r.card.pretrained]
     cnns = _learned_first(pre_cnns or _of(results, "CNN"))  # pretrained against pretrained, when there is one
     pv, cnn = _best(pre_vits, _miou), _best(cnns, _miou)
@@ -158,8 +157,8 @@ def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
                          "needs a pretrained ViT and a CNN"))
     # the same ViT with and without this study's synthetic pretraining, from the same starting weights (none, or the
     # same published ones), fine-tuned on as many images
-    synthetic = _learned_first([r for r in _of(results, VIT) if r.card.synthetic])
-    pairs = [(p, s) for p in synthetic for s in _of(results, VIT) if not s.card.synthetic
+    synthetic = _learned_first([r for r in _of(results, VIT_FAMILIES) if r.card.synthetic])
+    pairs = [(p, s) for p in synthetic for s in _of(results, VIT_FAMILIES) if not s.card.synthetic
              and p.card.arch == s.card.arch and p.card.start == s.card.start
              and p.card.train_samples == s.card.train_samples]
     p, s = max(pairs, key=lambda ps: _miou(ps[0])) if pairs else (None, None)
@@ -173,12 +172,12 @@ def _accuracy_claims(results: list[ModelResult], margin: float) -> list[Claim]:
                          f"{v.name if v else ''}", hybrids + plains, margin, "needs a ViT-Hybrid and a plain ViT"))
     sizes = sorted({r.card.train_samples for r in results if r.card.train_samples is not None})
     small = _learned_first([r for r in results if sizes and r.card.train_samples == sizes[0]])
-    sc, sv = _best(_of(small, "CNN"), _miou), _best(_of(small, VIT), _miou)
+    sc, sv = _best(_of(small, "CNN"), _miou), _best(_of(small, VIT_FAMILIES), _miou)
     title = f"CNNs win with little data ({sizes[0]} training images)" if sizes else "CNNs win with little data"
     missing = "no reduced training set in this evaluation" if not sizes else \
         f"needs a CNN and a ViT fine-tuned on the smallest subset ({sizes[0]} images)"
     out.append(_accuracy(title, sc, sv, f"{sc.name if sc else ''} vs {sv.name if sv else ''}",
-                         _of(small, ("CNN", *VIT)), margin, missing))
+                         _of(small, ("CNN", *VIT_FAMILIES)), margin, missing))
     return out
 
 

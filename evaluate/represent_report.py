@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from defectforge.files import claim_output, write_atomic
+from pretrain.models import VIT_FAMILIES
 
 from .claims import represent_claims
 from .report import Doc, machine, plt
-from .represent_run import ATTENTION, RepresentConfig, load_subject, measure, square_crops
+from .represent_run import RepresentConfig, load_subject, measure, square_crops
 
 log = logging.getLogger("evaluate")
 
@@ -171,6 +172,6 @@ def run_represent(cfg: RepresentConfig, models: list[str], shards: list[str], ou
     represent_section(doc, rep, maps, claims)
     doc.heading("How this report was made")
     doc.code(commands or ["python -m evaluate represent ..."])
-    vits = [m for m in rep["models"] if m["family"] in ATTENTION]
+    vits = [m for m in rep["models"] if m["family"] in VIT_FAMILIES]
     log.info("represent: %d models (%d with attention), %d images", len(rep["models"]), len(vits), rep["images"])
     return doc.write("defectforge: how the models see")

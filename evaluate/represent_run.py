@@ -27,7 +27,6 @@ from .interpret import gradcam_maps, localization
 from .represent import FUSIONS, MinibatchCKA, attention_distance, auroc, linear_probe, receptive_field, rollout
 
 log = logging.getLogger("evaluate")
-ATTENTION = VIT_FAMILIES
 
 
 @dataclass
@@ -98,7 +97,7 @@ def load_subject(run: str | Path, device: torch.device) -> Subject:
         encoder, segmenter = getattr(model, "backbone", model), None
         kind = "mae" if mcfg.get("objective") == "mae" else "classification"
         pool = (mcfg.get("global_pool") or getattr(encoder, "global_pool", None)) \
-            if family_of(encoder) in ATTENTION and kind == "classification" else None
+            if family_of(encoder) in VIT_FAMILIES and kind == "classification" else None
     else:
         raise ValueError(f"{run}: architecture {kind!r} in model_config.json is neither a segmentation nor a "
                          "classification run")
@@ -155,7 +154,7 @@ def attention_weights(encoder: torch.nn.Module):
 def layer_maps(subject: Subject, x: torch.Tensor) -> tuple[list[str], list[torch.Tensor]]:
     """(names, NCHW maps): a ViT's blocks (patch tokens on their grid) or a CNN's encoder stages."""
     enc = subject.encoder
-    if subject.family in ATTENTION:
+    if subject.family in VIT_FAMILIES:
         caught: list[torch.Tensor] = []
         hooks = [b.register_forward_hook(lambda _m, _a, out: caught.append(out)) for b in enc.blocks]
         try:
@@ -217,7 +216,7 @@ class Measures:
         s, cfg = self.s, self.cfg
         x = (torch.stack([c["image"] for c in crops]).to(s.mean.device) - s.mean) / s.std
         grid = cfg.cka_grid
-        if s.family in ATTENTION:
+        if s.family in VIT_FAMILIES:
             with torch.no_grad(), attention_weights(s.encoder) as weights:
                 names, maps = layer_maps(s, x)
             self._attention(weights, crops, x, maps, offset)
@@ -314,7 +313,7 @@ def measure(subjects: list[Subject], crops: list[dict], cfg: RepresentConfig) ->
         m = Measures(s, cfg)
         for b, batch in enumerate(batches):
             m.batch(batch, b * cfg.batch_size)
-        erf = effective_receptive_fields(s, crops, cfg) if s.family not in ATTENTION else None
+        erf = effective_receptive_fields(s, crops, cfg) if s.family not in VIT_FAMILIES else None
         models.append(m.summary(erf))
         maps[s.name] = m.maps
         gathered.append(m)
