@@ -30,7 +30,7 @@ from pretrain.segmenter import SegLoss, build_segmenter
 
 def step_seconds(model_name: str, crop: int, batch: int, bf16: bool, rounds: int, steps: int) -> dict[bool, float]:
     """Median seconds per training step with the fused kernel (True) and the explicit product (False)."""
-    cfg = load_config(FinetuneConfig, overrides=[f"model={model_name}", "crop_size=128", "class_weights=null"])
+    cfg = load_config(FinetuneConfig, overrides=[f"model={model_name}", f"crop_size={crop}", "class_weights=null"])
     model, _ = build_segmenter(cfg, ["background", "crack", "stain"])
     model.train()
     loss_fn = SegLoss(cfg, 3)
