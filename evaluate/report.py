@@ -165,6 +165,52 @@ def _overlay_figure(sample: dict, predictions: dict[str, dict], classes: list[st
     return fig
 
 
+def confusions(results: list[ModelResult]) -> list[tuple[str, np.ndarray]]:
+    """Each run's confusion matrix over every evaluation image (rows = true class, columns = predicted class, pixel
+    counts), summed from its per-image matrices; runs evaluated without them are left out."""
+    return [(r.name, np.asarray(r.metrics.image_confusion, dtype=np.float64).sum(0))
+            for r in results if r.metrics.image_confusion]
+
+
+def _confusion_section(doc: Doc, results: list[ModelResult], classes: list[str]) -> None:
+    """Where each true class's pixels go: the share of its pixels predicted as each class, per run."""
+    mats = confusions(results)
+    if not mats:
+        return
+    doc.heading("Where each class's pixels go")
+    doc.para("Rows: a run and the true class of a pixel, pooled over every evaluation image like the results table; "
+             "columns: the share of those pixels the run predicts as each class (argmax; the diagonal is the "
+             "recall). A class that a run never learned shows as a row whose pixels go to background; one mistaken "
+             "for another shows off the diagonal. The figure gives the same shares.")
+    rows = [[name, cls, str(int(c[i].sum())), *[_fmt(float(v)) for v in c[i] / c[i].sum()]]
+            for name, c in mats for i, cls in enumerate(classes) if c[i].sum() > 0]
+    doc.table(["run", "true class", "pixels", *[f"as {c}" for c in classes]], rows)
+    doc.image(_confusion_figure(mats, classes), "confusion.png",
+              "share of each true class's pixels (rows) predicted as each class (columns), per run")
+
+
+def _confusion_figure(mats: list[tuple[str, np.ndarray]], classes: list[str]):
+    k = len(classes)
+    side = 0.45 * k + 1.4
+    fig, axes = plt.subplots(1, len(mats), figsize=(side * len(mats), side), squeeze=False)
+    for ax, (name, c) in zip(axes[0], mats, strict=True):
+        totals = c.sum(1, keepdims=True)
+        share = np.divide(c, totals, out=np.full_like(c, np.nan), where=totals > 0)
+        ax.imshow(np.nan_to_num(share, nan=0.0), vmin=0, vmax=1, cmap="Blues")
+        for i in range(k):
+            for j in range(k):
+                if not np.isnan(share[i, j]) and share[i, j] >= 0.005:
+                    ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(k), classes, fontsize=7)
+        ax.set_xlabel("predicted", fontsize=8)
+        ax.set_ylabel("true", fontsize=8)
+        ax.set_title(name, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def _maps_figure(maps: dict[str, list]):
     names = [n for n, m in maps.items() if m]
     cols = max(len(maps[n]) for n in names)
@@ -389,6 +435,7 @@ def write_report(out: Path, evaluation: Evaluation, overlays: list[dict], predic
     doc.table(["run", "class", "IoU", "Dice", "precision", "recall"],
               [[r.name, name, _fmt(v["IoU"]), _fmt(v["Dice"]), _fmt(v["precision"]), _fmt(v["recall"])]
                for r in results for name, v in r.metrics.per_class.items()])
+    _confusion_section(doc, results, evaluation.classes)
     doc.heading("The usual ViT-vs-CNN trade-off, measured")
     _tradeoff_table(doc, results)
     _claims_section(doc, evaluation)

@@ -358,6 +358,35 @@ def test_the_report_shows_each_models_pretraining_and_the_weights_loaded(tmp_pat
     assert "apache-2.0" in text
 
 
+def test_the_report_shows_where_each_true_class_goes(tmp_path):
+    from evaluate.records import Evaluation
+    from evaluate.report import confusions, write_report
+
+    # two images, classes background / crack / scratch; rows = truth. The ViT never predicts scratch (its scratch
+    # pixels go to background), the CNN finds 3 of every 4 and calls the fourth a crack
+    vit_img = [[90, 0, 0], [2, 8, 0], [10, 0, 0]]
+    cnn_img = [[89, 1, 0], [1, 9, 0], [0, 2, 6]]
+    classes = ["background", "crack", "scratch"]
+    results = [_result(name, family, [0.9] * 2) for name, family in (("vit", "ViT"), ("cnn", "CNN"), ("old", "CNN"))]
+    results[0].metrics.image_confusion = [vit_img, vit_img]
+    results[1].metrics.image_confusion = [cnn_img, cnn_img]
+    results[2].metrics.image_confusion = []  # a run evaluated without per-image matrices is left out
+    assert [name for name, _ in confusions(results)] == ["vit", "cnn"]
+    assert confusions(results)[0][1].tolist() == [[180, 0, 0], [4, 16, 0], [20, 0, 0]]
+    cfg = EvalConfig(wandb=False, interpret_images=0)
+    evaluation = Evaluation(config=cfg, classes=classes, sources=["x (val)"], images=2, device="cpu",
+                            results=results, claims=[])
+    write_report(tmp_path, evaluation, [], {})
+    text = (tmp_path / "report.md").read_text()
+    assert "## Where each class's pixels go" in text
+    assert "| run | true class | pixels | as background | as crack | as scratch |" in text
+    assert "| vit | scratch | 20 | 1.000 | 0.000 | 0.000 |" in text
+    assert "| cnn | scratch | 16 | 0.000 | 0.250 | 0.750 |" in text
+    assert "| old |" not in text.split("## Where each class's pixels go")[1].split("##")[0]
+    assert (tmp_path / "confusion.png").stat().st_size > 1000 and "confusion.png" in text
+    assert "Where each class&#x27;s pixels go" in (tmp_path / "report.html").read_text()
+
+
 def test_a_vit_tiled_at_another_size_than_its_training_crops_is_named_in_the_report():
     from evaluate.report import _grid_note
 
