@@ -192,8 +192,12 @@ def _confusion_section(doc: Doc, results: list[ModelResult], classes: list[str])
 def _confusion_figure(mats: list[tuple[str, np.ndarray]], classes: list[str]):
     k = len(classes)
     side = 0.45 * k + 1.4
-    fig, axes = plt.subplots(1, len(mats), figsize=(side * len(mats), side), squeeze=False)
-    for ax, (name, c) in zip(axes[0], mats, strict=True):
+    cols = min(3, len(mats))  # three runs to a row
+    rows = math.ceil(len(mats) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
+    for ax in axes.flat[len(mats):]:
+        ax.axis("off")
+    for ax, (name, c) in zip(axes.flat, mats, strict=False):
         totals = c.sum(1, keepdims=True)
         share = np.divide(c, totals, out=np.full_like(c, np.nan), where=totals > 0)
         ax.imshow(np.nan_to_num(share, nan=0.0), vmin=0, vmax=1, cmap="Blues")

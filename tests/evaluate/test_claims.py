@@ -360,7 +360,7 @@ def test_the_report_shows_each_models_pretraining_and_the_weights_loaded(tmp_pat
 
 def test_the_report_shows_where_each_true_class_goes(tmp_path):
     from evaluate.records import Evaluation
-    from evaluate.report import confusions, write_report
+    from evaluate.report import _confusion_figure, confusions, write_report
 
     # two images, classes background / crack / scratch; rows = truth. The ViT never predicts scratch (its scratch
     # pixels go to background), the CNN finds 3 of every 4 and calls the fourth a crack
@@ -385,6 +385,8 @@ def test_the_report_shows_where_each_true_class_goes(tmp_path):
     assert "| old |" not in text.split("## Where each class's pixels go")[1].split("##")[0]
     assert (tmp_path / "confusion.png").stat().st_size > 1000 and "confusion.png" in text
     assert "Where each class&#x27;s pixels go" in (tmp_path / "report.html").read_text()
+    fig = _confusion_figure(confusions(results) * 2, classes)  # four runs: two rows of three, two panels blank
+    assert len(fig.axes) == 6 and sum(ax.axison for ax in fig.axes) == 4
 
 
 def test_a_vit_tiled_at_another_size_than_its_training_crops_is_named_in_the_report():
