@@ -172,6 +172,12 @@ def confusions(results: list[ModelResult]) -> list[tuple[str, np.ndarray]]:
             for r in results if r.metrics.image_confusion]
 
 
+def _shares(c: np.ndarray) -> np.ndarray:
+    """A confusion matrix's rows as shares of each true class's pixels (NaN for a class with no pixel)."""
+    totals = c.sum(1, keepdims=True)
+    return np.divide(c, totals, out=np.full_like(c, np.nan), where=totals > 0)
+
+
 def _confusion_section(doc: Doc, results: list[ModelResult], classes: list[str]) -> None:
     """Where each true class's pixels go: the share of its pixels predicted as each class, per run."""
     mats = confusions(results)
@@ -182,8 +188,11 @@ def _confusion_section(doc: Doc, results: list[ModelResult], classes: list[str])
              "columns: the share of those pixels the run predicts as each class (argmax; the diagonal is the "
              "recall). A class that a run never learned shows as a row whose pixels go to background; one mistaken "
              "for another shows off the diagonal. The figure gives the same shares.")
-    rows = [[name, cls, str(int(c[i].sum())), *[_fmt(float(v)) for v in c[i] / c[i].sum()]]
-            for name, c in mats for i, cls in enumerate(classes) if c[i].sum() > 0]
+    rows = []
+    for name, c in mats:
+        share = _shares(c)
+        rows += [[name, cls, str(int(c[i].sum())), *[_fmt(float(v)) for v in share[i]]]
+                 for i, cls in enumerate(classes) if c[i].sum() > 0]
     doc.table(["run", "true class", "pixels", *[f"as {c}" for c in classes]], rows)
     doc.image(_confusion_figure(mats, classes), "confusion.png",
               "share of each true class's pixels (rows) predicted as each class (columns), per run")
@@ -198,8 +207,7 @@ def _confusion_figure(mats: list[tuple[str, np.ndarray]], classes: list[str]):
     for ax in axes.flat[len(mats):]:
         ax.axis("off")
     for ax, (name, c) in zip(axes.flat, mats, strict=False):
-        totals = c.sum(1, keepdims=True)
-        share = np.divide(c, totals, out=np.full_like(c, np.nan), where=totals > 0)
+        share = _shares(c)
         ax.imshow(np.nan_to_num(share, nan=0.0), vmin=0, vmax=1, cmap="Blues")
         for i in range(k):
             for j in range(k):
