@@ -261,6 +261,13 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     # the quickstart evaluates and validates in tiles of the crops its models were fine-tuned on (docs/evaluate.md)
     assert {cfg.crop_size for cfg, _ in plan.finetune.values()} == {plan.evaluate.tile_size} == \
         {cfg.val_max_size for cfg, _ in plan.finetune.values()}
+    # the pretrained ViT is fine-tuned with the decoder it was pretrained with (so the decoder loads), and the ViT
+    # from scratch is that same network
+    (pre, _), = plan.pretrain.values()
+    (synthpre, init), (scratch, none) = (plan.finetune[f"vit_tiny-{kind}-nall-s0"] for kind in ("synthpre", "scratch"))
+    assert (init, none) == ("vit_tiny", None)
+    assert pre.model == synthpre.model == scratch.model and pre.crop_size == synthpre.crop_size == scratch.crop_size
+    assert pre.decoder_kwargs == synthpre.decoder_kwargs == scratch.decoder_kwargs
     for bad, match in (("finetune.3.overrides.lr=1", "'finetune' is a list of 3 item.*from 0 to 2, not '3'"),
                        ("finetune.x.overrides.lr=1", "not 'x'"), ("finetune.0.nosuch=1", "nosuch"),
                        ("finetune.0.overrides.nosuch=1", "unknown key 'nosuch'")):
