@@ -190,9 +190,9 @@ def _confusion_section(doc: Doc, results: list[ModelResult], classes: list[str])
              "for another shows off the diagonal. The figure gives the same shares.")
     rows = []
     for name, c in mats:
-        share = _shares(c)
-        rows += [[name, cls, str(int(c[i].sum())), *[_fmt(float(v)) for v in share[i]]]
-                 for i, cls in enumerate(classes) if c[i].sum() > 0]
+        share, totals = _shares(c), c.sum(1)
+        rows += [[name, cls, str(int(totals[i])), *[_fmt(float(v)) for v in share[i]]]
+                 for i, cls in enumerate(classes) if totals[i] > 0]
     doc.table(["run", "true class", "pixels", *[f"as {c}" for c in classes]], rows)
     doc.image(_confusion_figure(mats, classes), "confusion.png",
               "share of each true class's pixels (rows) predicted as each class (columns), per run")
