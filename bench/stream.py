@@ -28,10 +28,10 @@ from common import CpuShare, emit
 from tiled_inference import cpu_model
 
 from defectforge.config import load_config
+from defectforge.tiling import tiled_logits
 from evaluate.export import build
 from evaluate.runtimes import EXPORTED, export_dir, load_runtime, parse_runtime
 from evaluate.stream import StreamConfig, stream
-from evaluate.tiling import tiled_logits
 from finetune.config import FinetuneConfig
 from pretrain.segmenter import build_segmenter, save_segmenter
 from synth.compose import SynthConfig, render_sample

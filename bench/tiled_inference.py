@@ -1,4 +1,4 @@
-"""Tiled 4K inference: `evaluate.tiling.tiled_logits` against references measured in the same run.
+"""Tiled 4K inference: `defectforge.tiling.tiled_logits` against references measured in the same run.
 
 One JSON line per measurement: {"bench", "value", "unit", "reference", "ratio"}, for each model:
 - `overhead_<model>`: our seconds per 3840x2160 image against the bare batched forward over the same tiles
@@ -36,10 +36,10 @@ import torch
 from common import CpuShare, emit, median_seconds
 
 from defectforge.config import load_config
+from defectforge.tiling import tile_grid, tiled_logits
 from evaluate.cost import InferenceTimer, time_interleaved
 from evaluate.export import build, confusion, miou
 from evaluate.runtimes import ExportedModel, load_runtime, parse_runtime
-from evaluate.tiling import tile_grid, tiled_logits
 from finetune.config import FinetuneConfig
 from pretrain.segmenter import build_segmenter
 from synth.compose import SynthConfig, render_sample

@@ -7,9 +7,9 @@ from typing import Any
 
 from defectforge.config import require
 from defectforge.precision import MIXED_PRECISION
+from defectforge.tiling import BLENDS
 
 from .runtimes import parse_runtime
-from .tiling import BLENDS
 
 
 def valid_runtime(name) -> bool:

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from defectforge.tiling import tile_grid, tiled_logits
+
 from .records import Timing
-from .tiling import tile_grid, tiled_logits
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from defectforge.reader import make_dataset, read_location_info
+from defectforge.tiling import tile_grid
 from pretrain.metrics import class_argmax
 from pretrain.segmenter import load_segmenter
 
 from .runtimes import DTYPES, ExportedModel, export_dir, require_package
-from .tiling import tile_grid
 
 log = logging.getLogger("evaluate")
 FORMATS = ("onnx", "openvino")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from defectforge.files import claim_output, write_atomic
 from defectforge.precision import autocast_dtype, prefers_channels_last, resolve_mixed_precision
 from defectforge.reader import SKIP_RECORD, allow_damaged, damage_found, make_dataset, read_location_info
+from defectforge.tiling import seam_mask, tile_grid, tiled_logits, warmup_strip
 from pretrain.hub import NONE, SYNTHETIC
 from pretrain.metrics import class_argmax
 from pretrain.models import model_family
@@ -28,7 +29,6 @@ from .interpret import interpret_model
 from .metrics import EvalMetrics, accuracy_by_source, seam_counts, seam_summary
 from .records import Accuracy, Cost, Evaluation, ModelCard, ModelResult, RuntimeResult, judge_learned
 from .runtimes import EXPORTED, Autocast, find_export, load_runtime, parse_runtime, require_package
-from .tiling import seam_mask, tile_grid, tiled_logits, warmup_strip
 
 log = logging.getLogger("evaluate")
 

@@ -22,12 +22,12 @@ import torch
 
 from defectforge.config import require
 from defectforge.files import claim_output, write_atomic
+from defectforge.tiling import BLENDS, tiled_logits
 from pretrain.metrics import class_argmax
 from pretrain.segmenter import load_segmenter
 
 from .cost import _rss_kb, quartiles
 from .runtimes import load_runtime, parse_runtime, require_package
-from .tiling import BLENDS, tiled_logits
 
 log = logging.getLogger("evaluate")
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")

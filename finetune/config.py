@@ -38,6 +38,7 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
     # at (measured on a rare multi-class set of 100-600 px images, docs/finetune.md, Data)
     small_images: str = "pad"
     val_max_size: int = 1024  # validation on whole images; larger ones in tiles of this size
+    val_overlap: float = 0.1  # those tiles overlap by this share and are blended (Gaussian), as `evaluate run` tiles
     shuffle_buffer: int = 64
     # augmentation (defectforge/augment.py), image and mask alike; the other AugmentConfig defaults are kept
     color_jitter: float = 0.5
@@ -78,6 +79,8 @@ class FinetuneConfig(TrainingKeys, MixConfig, SegmentationKeys):
                 "null (all) or an integer >= 1")
         require(32 <= self.crop_size <= 4096, "crop_size", self.crop_size, "an integer between 32 and 4096")
         require(64 <= self.val_max_size <= 8192, "val_max_size", self.val_max_size, "an integer between 64 and 8192")
+        require(isinstance(self.val_overlap, int | float) and 0 <= self.val_overlap < 0.9, "val_overlap",
+                self.val_overlap, "a fraction in [0, 0.9), as evaluate's overlap")
         require(self.val_images >= 0, "val_images", self.val_images, "an integer >= 0")
         self.mix.validate()
         require(not (self.synthetic_shards and self.mix.enabled and self.mixup_alpha > 0), "mixup_alpha",

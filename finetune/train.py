@@ -3,7 +3,8 @@
 Per optimizer step: `grad_accum` random `crop_size` crops from the training shards (a deterministic
 `train_samples` subset when asked) -> augmentation of image and mask alike -> normalisation ->
 cross-entropy (+ Dice or focal) -> AdamW on the unfrozen parameters. Validation runs on whole images
-(padded to the model's stride; images larger than `val_max_size` in tiles of that size).
+(padded to the model's stride); images larger than `val_max_size` in overlapping tiles of that size, blended as
+the evaluation blends them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from defectforge.data import to_device, train_loader
 from defectforge.loop import Run
 from defectforge.reader import list_keys, make_dataset
 from defectforge.shards import ShardError
+from defectforge.tiling import tiled_logits
 from defectforge.tracking import class_palette, mask_grid
 from defectforge.training import Task, normalizer, run_task
 from pretrain.hub import combine
@@ -48,19 +50,14 @@ def select_subset(keys: list[str], n: int | None, seed: int) -> list[str] | None
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: torch.Tensor, max_size: int) -> torch.Tensor:
-    """Class probabilities (1, C, H, W) of one normalised image (1, 3, H, W), in tiles above `max_size`."""
+def predict(model: torch.nn.Module, image: torch.Tensor, max_size: int, overlap: float = 0.1) -> torch.Tensor:
+    """Class probabilities (1, C, H, W) of one normalised image (1, 3, H, W): whole up to `max_size`, above it in
+    tiles of `max_size` overlapping by `overlap` and blended as the evaluation blends them (`tiled_logits`: every
+    tile full-sized, the last aligned to the border), so validation measures what the report will."""
     h, w = image.shape[-2:]
     if max(h, w) <= max_size:
         return model(image).float().softmax(1)
-    out = None
-    for y in range(0, h, max_size):
-        for x in range(0, w, max_size):
-            probs = model(image[..., y:y + max_size, x:x + max_size]).float().softmax(1)
-            if out is None:
-                out = probs.new_zeros(1, probs.shape[1], h, w)
-            out[..., y:y + max_size, x:x + max_size] = probs
-    return out
+    return tiled_logits(model, image, tile=max_size, overlap=overlap, blend="gaussian").softmax(1)
 
 
 def _panel(image: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -80,7 +77,7 @@ def validate(run: Run, model: torch.nn.Module, shards: str, cfg: FinetuneConfig,
     for sample in make_dataset(shards, cfg.val_split, classes=classes):
         image = sample["image"].to(acc.device)[None]
         with acc.autocast():
-            probs = predict(model, normalize(image), cfg.val_max_size)
+            probs = predict(model, normalize(image), cfg.val_max_size, cfg.val_overlap)
         mask = sample["mask"].to(acc.device)
         metrics.update(probs, mask[None])
         if len(examples) < cfg.val_images:

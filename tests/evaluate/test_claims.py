@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from defectforge.tiling import tile_grid, tiled_logits, warmup_strip
 from evaluate.claims import decide_claims
 from evaluate.config import EvalConfig
 from evaluate.cost import InferenceTimer, time_interleaved
 from evaluate.metrics import EvalMetrics, mean_difference, miou_from_confusion, seam_summary
 from evaluate.records import Accuracy, Cost, Interpretability, ModelCard, ModelResult, Timing, judge_learned
 from evaluate.run import Loaded, seam_errors, time_models
-from evaluate.tiling import tile_grid, tiled_logits, warmup_strip
 
 
 def _confusions(accuracy: list[float], pixels: int = 400) -> list:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from defectforge.config import load_config
+from defectforge.tiling import tiled_logits
 from evaluate.__main__ import main
 from evaluate.runtimes import load_runtime, parse_runtime
-from evaluate.tiling import tiled_logits
 from finetune.config import FinetuneConfig
 from pretrain.segmenter import build_segmenter, save_segmenter
 from tests.synth.helpers import make_shards

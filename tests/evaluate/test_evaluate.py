@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from defectforge.tiling import blend_window, seam_mask, tile_grid, tiled_logits
 from evaluate.__main__ import main
 from evaluate.metrics import (
     EvalMetrics,
@@ -16,7 +17,6 @@ from evaluate.metrics import (
     threshold_counts,
 )
 from evaluate.run import _prepare
-from evaluate.tiling import blend_window, seam_mask, tile_grid, tiled_logits
 
 REPO = Path(__file__).resolve().parents[2]
 

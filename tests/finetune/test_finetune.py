@@ -9,10 +9,11 @@ import timm
 import torch
 
 from defectforge.config import ConfigError, load_config
+from defectforge.tiling import tiled_logits
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
 from finetune.models import freeze, layer_decay_groups, load_init
-from finetune.train import select_subset, train
+from finetune.train import predict, select_subset, train
 from pretrain.config import PretrainConfig
 from pretrain.metrics import SegMetrics
 from pretrain.segmenter import SegLoss, build_segmenter, load_segmenter
@@ -118,6 +119,29 @@ def test_subset_is_deterministic_nested_and_checked():
     assert select_subset(keys, None, seed=0) is None
     with pytest.raises(ConfigError, match="train_samples"):
         select_subset(keys, 101, seed=0)
+
+
+def test_validation_tiles_an_image_as_the_evaluation_does_every_tile_full_sized():
+    """Above `val_max_size` validation sees only whole tiles (a 256 px image in 96 px tiles: starts 0, 86, 160),
+    blended as `evaluate run` blends them; the old grid's 64 px border tiles showed a ViT a token grid it never
+    trained on. Up to `val_max_size` the image goes in whole."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.extend([tuple(x.shape[-2:])] * x.shape[0])
+            return torch.stack([x[:, 0], -x[:, 0]], 1)  # logits that depend on the pixel, not the tile
+
+    image = torch.randn(1, 3, 256, 200)
+    probs = predict(Probe(), image, 96, overlap=0.1)
+    assert set(seen) == {(96, 96)} and len(seen) == 9  # 3 rows (0, 86, 160) x 3 columns (0, 86, 104)
+    assert torch.allclose(probs, tiled_logits(Probe(), image, tile=96, overlap=0.1).softmax(1), atol=1e-6)
+    assert torch.allclose(probs, torch.stack([image[:, 0], -image[:, 0]], 1).softmax(1), atol=1e-5)
+    seen.clear()
+    predict(Probe(), torch.randn(1, 3, 96, 80), 96)
+    assert seen == [(96, 80)]
+    with pytest.raises(ConfigError, match="val_overlap"):
+        config(val_overlap=0.95)
 
 
 def test_training_reads_only_the_subset_and_saves_a_loadable_model(shards, tmp_path):
