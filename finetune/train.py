@@ -51,12 +51,10 @@ def select_subset(keys: list[str], n: int | None, seed: int) -> list[str] | None
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: torch.Tensor, max_size: int, overlap: float = 0.1) -> torch.Tensor:
-    """Class probabilities (1, C, H, W) of one normalised image (1, 3, H, W): whole up to `max_size`, above it in
-    tiles of `max_size` overlapping by `overlap` and blended as the evaluation blends them (`tiled_logits`: every
-    tile full-sized, the last aligned to the border), so validation measures what the report will."""
-    h, w = image.shape[-2:]
-    if max(h, w) <= max_size:
-        return model(image).float().softmax(1)
+    """Class probabilities (1, C, H, W) of one normalised image (1, 3, H, W): whole up to `max_size` (one tile),
+    above it in tiles of `max_size` overlapping by `overlap` and blended as the evaluation blends them
+    (`tiled_logits`: every tile full-sized, the last aligned to the border), so validation measures what the
+    report will."""
     return tiled_logits(model, image, tile=max_size, overlap=overlap, blend="gaussian").softmax(1)
 
 
