@@ -261,7 +261,9 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     # the quickstart evaluates and validates in tiles of the crops its models were fine-tuned on (docs/evaluate.md)
     assert {cfg.crop_size for cfg, _ in plan.finetune.values()} == {plan.evaluate.tile_size} == \
         {cfg.val_max_size for cfg, _ in plan.finetune.values()}
-    assert {cfg.val_overlap for cfg, _ in plan.finetune.values()} == {plan.evaluate.overlap}  # and blend alike
+    # and overlap and blend as it does (finetune.predict blends with Gaussian weights)
+    assert {cfg.val_overlap for cfg, _ in plan.finetune.values()} == {plan.evaluate.overlap}
+    assert plan.evaluate.blend == "gaussian"
     # the pretrained ViT is fine-tuned with the decoder it was pretrained with (so the decoder loads), and the ViT
     # from scratch is that same network
     (pre, _), = plan.pretrain.values()
