@@ -271,6 +271,8 @@ def test_dotted_overrides_edit_the_study_config(monkeypatch):
     assert (init, none) == ("vit_tiny", None)
     assert pre.model == synthpre.model == scratch.model and pre.crop_size == synthpre.crop_size == scratch.crop_size
     assert pre.decoder_kwargs == synthpre.decoder_kwargs == scratch.decoder_kwargs
+    # and the pretraining places as many of its crops on a defect as the fine-tunings do (docs/finetune.md)
+    assert pre.defect_crop == synthpre.defect_crop == scratch.defect_crop == 0.8
     for bad, match in (("finetune.3.overrides.lr=1", "'finetune' is a list of 3 item.*from 0 to 2, not '3'"),
                        ("finetune.x.overrides.lr=1", "not 'x'"), ("finetune.0.nosuch=1", "nosuch"),
                        ("finetune.0.overrides.nosuch=1", "unknown key 'nosuch'")):
